@@ -1,0 +1,3 @@
+from rmbgd.cli import main
+
+raise SystemExit(main())
