@@ -1,0 +1,655 @@
+"""The rmbgd configuration: YAML parsed once into frozen, typed dataclasses.
+
+Validation collects every problem in one pass so that `rmbgd check` can tell the user
+everything that is wrong at once, each problem as one line `dotted.key: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+__all__ = [
+    "BatchConfig",
+    "Config",
+    "ConfigError",
+    "InputConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PathsConfig",
+    "PipelineConfig",
+    "WatchConfig",
+    "check_folders",
+    "effective_max_in_flight",
+    "effective_workers",
+    "load_config",
+    "parse_config",
+    "prepare_folders",
+]
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    inbox: Path
+    outbox: Path
+    errors: Path
+    # None means originals are deleted after success; the key is still required so that
+    # deletion is always a deliberate choice, never the result of a forgotten line.
+    done: Path | None
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = 1.0
+    # inotify queues can overflow and network filesystems may not deliver events at all.
+    rescan_seconds: float = 30.0
+    # A writer that keeps a file open but stops writing must not block it forever.
+    writer_timeout_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    size: int = 8
+    max_wait_ms: int = 200
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "ZhengPeng7/BiRefNet"
+    device: str = "auto"
+    trust_remote_code: bool = True
+    input_size: int = 1024
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    max_pixels: int = 100_000_000
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    png_compress_level: int = 1
+    clean_transparent: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    workers: int = 0
+    max_in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig
+    # Defaults here mirror "a section may be omitted" and let code build a Config by hand.
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path | None = None
+
+
+class ConfigError(Exception):
+    """The config or its folders are unusable; `problems` lists every reason, one line each."""
+
+    def __init__(self, problems: Iterable[str] | str) -> None:
+        listed = [problems] if isinstance(problems, str) else list(problems)
+        self.problems: list[str] = listed or ["invalid configuration"]
+        super().__init__(self.problems[0])
+
+    def __str__(self) -> str:
+        return self.problems[0]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduction would rebuild the error from args, keeping only the first problem.
+        return (type(self), (self.problems,))
+
+
+# --------------------------------------------------------------------------- helpers
+
+_SECTIONS: dict[str, type] = {
+    "paths": PathsConfig,
+    "watch": WatchConfig,
+    "batch": BatchConfig,
+    "model": ModelConfig,
+    "input": InputConfig,
+    "output": OutputConfig,
+    "pipeline": PipelineConfig,
+    "logging": LoggingConfig,
+}
+_FOLDER_KEYS = ("inbox", "outbox", "errors", "done")
+_DONE_HINT = "set a folder, or null to delete originals after success"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+# A config is a few hundred bytes; the cap keeps `--config /dev/zero` from eating memory.
+_MAX_CONFIG_BYTES = 1024 * 1024
+# Marks a value that failed validation; the problem is already recorded.
+_BAD: Any = object()
+
+
+def _default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe(value: object) -> str:
+    """How a YAML value reads back to the user in a `got ...` clause."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return repr(shown)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, and YAML 1.1 turns `yes`/`on` into booleans.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{key}: {message}")
+
+
+def _check_unknown(
+    data: Mapping[Any, Any], allowed: Iterable[str], prefix: str, problems: _Problems
+) -> None:
+    allowed = list(allowed)
+    for key in data:
+        if isinstance(key, str) and key in allowed:
+            continue
+        name = str(key)
+        dotted = f"{prefix}.{name}" if prefix else name
+        close = difflib.get_close_matches(name, allowed, n=1) if isinstance(key, str) else []
+        message = "unknown key"
+        # Only eight sections exist, so the full list is always worth showing at the top.
+        if not prefix or not close:
+            message += f" (expected one of: {', '.join(allowed)})"
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+        problems.add(dotted, message)
+
+
+class _Section:
+    """Typed readers over one mapping; each records its own problem and returns _BAD."""
+
+    def __init__(self, name: str, data: Mapping[Any, Any], problems: _Problems) -> None:
+        self.name = name
+        self.data = data
+        self.problems = problems
+
+    def _key(self, name: str) -> str:
+        return f"{self.name}.{name}"
+
+    def integer(self, name: str, default: int, lo: int, hi: int | None = None) -> int:
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if not _is_int(value):
+            self.problems.add(self._key(name), f"expected an integer, got {_describe(value)}")
+            return _BAD
+        return self._in_range(name, value, lo, hi)
+
+    def number(self, name: str, default: float, above: float) -> float:
+        """A float strictly greater than `above`; ints are accepted and widened."""
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if not _is_number(value):
+            self.problems.add(self._key(name), f"expected a number, got {_describe(value)}")
+            return _BAD
+        if not math.isfinite(value):
+            self.problems.add(self._key(name), f"must be a finite number, got {_describe(value)}")
+            return _BAD
+        if value <= above:
+            self.problems.add(
+                self._key(name), f"must be greater than {above:g}, got {_describe(value)}"
+            )
+            return _BAD
+        return float(value)
+
+    def _in_range(self, name: str, value: int, lo: int, hi: int | None) -> int:
+        if value < lo:
+            self.problems.add(self._key(name), f"must be at least {lo}, got {value}")
+            return _BAD
+        if hi is not None and value > hi:
+            self.problems.add(self._key(name), f"must be at most {hi}, got {value}")
+            return _BAD
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if not isinstance(value, bool):
+            self.problems.add(self._key(name), f"expected true or false, got {_describe(value)}")
+            return _BAD
+        return value
+
+    def string(self, name: str, default: str | None, nullable: bool = False) -> str | None:
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            what = "a string or null" if nullable else "a string"
+            self.problems.add(self._key(name), f"expected {what}, got {_describe(value)}")
+            return _BAD
+        if not value.strip():
+            self.problems.add(self._key(name), "must not be empty")
+            return _BAD
+        if "\0" in value:
+            self.problems.add(self._key(name), "must not contain a NUL character")
+            return _BAD
+        return value
+
+    def choice(self, name: str, default: str, pattern: re.Pattern[str], expected: str) -> str:
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        normalized = value.strip().lower() if isinstance(value, str) else None
+        if normalized is None or not pattern.fullmatch(normalized):
+            self.problems.add(self._key(name), f"expected {expected}, got {_describe(value)}")
+            return _BAD
+        return normalized
+
+
+def _absolute(raw: str, base_dir: Path) -> Path:
+    # abspath, not resolve: the folders the user named are kept, symlinks and all.
+    return Path(os.path.abspath(os.path.join(base_dir, os.path.expanduser(raw))))
+
+
+def _model_name(raw: str, base_dir: Path) -> str:
+    expanded = os.path.expanduser(raw)
+    looks_like_path = raw.startswith(("/", ".", "~")) or (
+        os.sep in raw and os.path.exists(os.path.join(base_dir, expanded))
+    )
+    if not looks_like_path:
+        return raw
+    return os.path.abspath(os.path.join(base_dir, expanded))
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _read_section(
+    top: Mapping[Any, Any], name: str, problems: _Problems
+) -> Mapping[Any, Any] | None:
+    """The section's mapping, or None when it is not a mapping (already reported)."""
+    raw = top.get(name)
+    # `watch:` with every line below commented out is an empty section, not an error.
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.add(name, f"expected a mapping, got {_describe(raw)}")
+        return None
+    allowed = [f.name for f in dataclasses.fields(_SECTIONS[name])]
+    _check_unknown(raw, allowed, name, problems)
+    return raw
+
+
+def _parse_paths(top: Mapping[Any, Any], base_dir: Path, problems: _Problems) -> PathsConfig:
+    if "paths" not in top:
+        # One line says it all; listing each of its four keys as required would be noise.
+        problems.add("paths", "required")
+        data: Mapping[Any, Any] | None = None
+    else:
+        data = _read_section(top, "paths", problems)
+    values: dict[str, Path | None] = {}
+    for key in _FOLDER_KEYS:
+        values[key] = _BAD
+        if data is None:
+            continue
+        dotted = f"paths.{key}"
+        if key not in data:
+            hint = f" ({_DONE_HINT})" if key == "done" else ""
+            problems.add(dotted, "required" + hint)
+            continue
+        raw = data[key]
+        if raw is None and key == "done":
+            values[key] = None
+            continue
+        if not isinstance(raw, str):
+            what = f"a folder path or null ({_DONE_HINT})" if key == "done" else "a folder path"
+            problems.add(dotted, f"expected {what}, got {_describe(raw)}")
+            continue
+        if not raw.strip():
+            problems.add(dotted, "must not be empty")
+            continue
+        if "\0" in raw:
+            problems.add(dotted, "must not contain a NUL character")
+            continue
+        values[key] = _absolute(raw, base_dir)
+    return PathsConfig(**values)
+
+
+def _parse_watch(s: _Section) -> WatchConfig:
+    settle = s.number("settle_seconds", _default(WatchConfig, "settle_seconds"), above=0)
+    rescan = s.number("rescan_seconds", _default(WatchConfig, "rescan_seconds"), above=0)
+    writer = s.number(
+        "writer_timeout_seconds", _default(WatchConfig, "writer_timeout_seconds"), above=0
+    )
+    if settle is not _BAD and writer is not _BAD and writer < settle:
+        s.problems.add(
+            "watch.writer_timeout_seconds",
+            f"must be at least watch.settle_seconds ({settle:g}), got {writer:g}",
+        )
+        writer = _BAD
+    return WatchConfig(settle_seconds=settle, rescan_seconds=rescan, writer_timeout_seconds=writer)
+
+
+def _parse_batch(s: _Section) -> BatchConfig:
+    return BatchConfig(
+        size=s.integer("size", _default(BatchConfig, "size"), 1, 1024),
+        max_wait_ms=s.integer("max_wait_ms", _default(BatchConfig, "max_wait_ms"), 0, 60_000),
+    )
+
+
+def _parse_model(s: _Section, base_dir: Path) -> ModelConfig:
+    name = s.string("name", _default(ModelConfig, "name"))
+    if name is not _BAD and "name" in s.data:
+        name = _model_name(name, base_dir)
+    input_size = s.integer("input_size", _default(ModelConfig, "input_size"), 64, 4096)
+    if input_size is not _BAD and input_size % 32:
+        s.problems.add("model.input_size", f"must be a multiple of 32, got {input_size}")
+        input_size = _BAD
+    return ModelConfig(
+        name=name,
+        device=s.choice(
+            "device", _default(ModelConfig, "device"), _DEVICE_RE, "auto, cpu, cuda or cuda:N"
+        ),
+        trust_remote_code=s.boolean(
+            "trust_remote_code", _default(ModelConfig, "trust_remote_code")
+        ),
+        input_size=input_size,
+        revision=s.string("revision", _default(ModelConfig, "revision"), nullable=True),
+    )
+
+
+def _parse_logging(s: _Section) -> LoggingConfig:
+    level = s.choice(
+        "level",
+        _default(LoggingConfig, "level"),
+        re.compile("|".join(_LOG_LEVELS)),
+        "debug, info, warning or error",
+    )
+    return LoggingConfig(level=level)
+
+
+def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Config:
+    base_dir = Path(os.path.abspath(os.path.expanduser(base_dir)))
+    if data is None:
+        raise ConfigError(f"{label}: the config is empty; it needs at least a 'paths' section")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{label}: expected a mapping at the top level, got {_describe(data)}")
+
+    problems = _Problems()
+    _check_unknown(data, _SECTIONS, "", problems)
+    paths = _parse_paths(data, base_dir, problems)
+
+    def section(name: str) -> _Section:
+        # A section that is not a mapping is reported once; its keys then read as defaults.
+        return _Section(name, _read_section(data, name, problems) or {}, problems)
+
+    watch = _parse_watch(section("watch"))
+    batch = _parse_batch(section("batch"))
+    model = _parse_model(section("model"), base_dir)
+    s = section("input")
+    input_cfg = InputConfig(
+        max_pixels=s.integer("max_pixels", _default(InputConfig, "max_pixels"), 1)
+    )
+    s = section("output")
+    output = OutputConfig(
+        png_compress_level=s.integer(
+            "png_compress_level", _default(OutputConfig, "png_compress_level"), 0, 9
+        ),
+        clean_transparent=s.boolean(
+            "clean_transparent", _default(OutputConfig, "clean_transparent")
+        ),
+    )
+    s = section("pipeline")
+    pipeline = PipelineConfig(
+        workers=s.integer("workers", _default(PipelineConfig, "workers"), 0),
+        max_in_flight=s.integer("max_in_flight", _default(PipelineConfig, "max_in_flight"), 0),
+    )
+    logging_cfg = _parse_logging(section("logging"))
+
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Config(
+        paths=paths,
+        watch=watch,
+        batch=batch,
+        model=model,
+        input=input_cfg,
+        output=output,
+        pipeline=pipeline,
+        logging=logging_cfg,
+        source=source,
+    )
+
+
+def parse_config(data: object, base_dir: Path, source: Path | None = None) -> Config:
+    """Validate an already-loaded YAML object; relative paths are taken from `base_dir`."""
+    label = str(source) if source is not None else "config"
+    return _parse(data, Path(base_dir), source, label)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys, which plain YAML silently lets the last win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                # Merge keys (`<<`) legitimately supply keys that the mapping then overrides.
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # unhashable; the base class reports it with its position
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_describe(key)}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(shown: str, text: str, err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        what = ", ".join(_one_line(p) for p in (err.context, err.problem) if p)
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        return f"{where}: invalid YAML: {what or 'syntax error'}"
+    if isinstance(err, yaml.reader.ReaderError):
+        pos = max(0, min(err.position, len(text)))
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        char = err.character if isinstance(err.character, str) else chr(err.character)
+        return f"{shown}:{line}:{column}: invalid YAML: character {char!r} is not allowed"
+    return f"{shown}: invalid YAML: {_one_line(str(err))}"
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a YAML config file; raises ConfigError listing every problem."""
+    shown = os.fsdecode(path)
+    source = Path(os.path.abspath(os.path.expanduser(shown)))
+    try:
+        with open(source, "rb") as fh:
+            raw = fh.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{shown}: cannot read: {err.strerror or err}") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{shown}: cannot read: larger than {_MAX_CONFIG_BYTES // 1024} KiB, not a config file"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bad = f"byte 0x{raw[err.start]:02x} at offset {err.start}"
+        raise ConfigError(f"{shown}: cannot read: not UTF-8 text ({bad})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(shown, text, err)) from None
+    except RecursionError:
+        raise ConfigError(f"{shown}: invalid YAML: nested too deeply") from None
+    return _parse(data, source.parent, source, shown)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _folders(cfg: Config) -> list[tuple[str, Path]]:
+    return [
+        (f"paths.{key}", getattr(cfg.paths, key))
+        for key in _FOLDER_KEYS
+        if getattr(cfg.paths, key) is not None
+    ]
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        # A symlink loop; the folder probe reports it, the nesting check uses the plain path.
+        return path
+
+
+def _probe_folder(path: Path, inbox: bool) -> str | None:
+    """Why `path` cannot serve as a working folder, or None if it can (or can be created)."""
+    try:
+        if path.is_dir():
+            # The inbox must also be listable; the others are only written into.
+            needed = (os.R_OK if inbox else 0) | os.W_OK | os.X_OK
+            if os.access(path, needed):
+                return None
+            words = ((os.R_OK, "readable"), (os.W_OK, "writable"), (os.X_OK, "searchable"))
+            missing = [w for flag, w in words if needed & flag and not os.access(path, flag)]
+            return f"folder is not {' or '.join(missing) or 'accessible'} by this user ({path})"
+        if path.is_symlink():
+            return f"is a broken symbolic link ({path})"
+        if path.exists():
+            return f"exists but is not a folder ({path})"
+    except OSError as err:
+        return f"cannot access {path}: {err.strerror or err}"
+
+    # Missing: it is fine if the nearest thing that does exist is a folder we may write in.
+    ancestor = path.parent
+    while True:
+        try:
+            if ancestor.exists() or ancestor.is_symlink():
+                break
+        except OSError as err:
+            return f"cannot be created: cannot access {ancestor}: {err.strerror or err} ({path})"
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: {ancestor} is not a folder ({path})"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor} is not writable by this user ({path})"
+    return None
+
+
+def check_folders(cfg: Config) -> list[str]:
+    """Problems with the configured folders, as `paths.KEY: ...` lines; creates nothing."""
+    problems = _Problems()
+    folders = _folders(cfg)
+    for key, path in folders:
+        reason = _probe_folder(path, inbox=key == "paths.inbox")
+        if reason:
+            problems.add(key, reason)
+
+    resolved = [(key, path, _resolved(path)) for key, path in folders]
+
+    def shown(path: Path, real: Path) -> str:
+        return str(path) if path == real else f"{path}, which is {real}"
+
+    # The watcher recurses into the inbox and outputs mirror its tree, so any overlap
+    # would feed the daemon its own results or move files out from under it.
+    for i, (key_a, path_a, real_a) in enumerate(resolved):
+        for key_b, path_b, real_b in resolved[i + 1 :]:
+            if real_a == real_b:
+                problems.add(key_b, f"must differ from {key_a} (both are {shown(path_b, real_b)})")
+            elif real_b.is_relative_to(real_a):
+                problems.add(key_b, f"must not be inside {key_a} ({shown(path_b, real_b)})")
+            elif real_a.is_relative_to(real_b):
+                problems.add(key_a, f"must not be inside {key_b} ({shown(path_a, real_a)})")
+    return problems.items
+
+
+def prepare_folders(cfg: Config) -> None:
+    """Create any missing configured folder (with parents); raises ConfigError on failure."""
+    problems = _Problems()
+    for key, path in _folders(cfg):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            # mkdir's exist_ok only tolerates an existing directory.
+            problems.add(key, f"exists but is not a folder ({path})")
+        except OSError as err:
+            problems.add(key, f"cannot create {path}: {err.strerror or err}")
+    if problems.items:
+        raise ConfigError(problems.items)
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def effective_workers(cfg: Config) -> int:
+    """Decode/encode threads: the configured count, or one per CPU core when it is 0."""
+    if cfg.pipeline.workers > 0:
+        return cfg.pipeline.workers
+    return max(1, os.cpu_count() or 1)
+
+
+def effective_max_in_flight(cfg: Config) -> int:
+    """Most files claimed but unfinished; 0 means enough for two batches plus one per worker."""
+    if cfg.pipeline.max_in_flight > 0:
+        return cfg.pipeline.max_in_flight
+    return 2 * cfg.batch.size + effective_workers(cfg)

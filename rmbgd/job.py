@@ -1,0 +1,65 @@
+"""One claimed input on its way through the pipeline, and the counters an operator reads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from rmbgd.workarea import Claim
+
+
+@dataclass
+class Job:
+    claim: Claim
+    input: Path                     # where the user put it (inbox path), for logs and sidecars
+    ready_at: float                 # monotonic time it was claimed; batch wait counts from here
+    image: Any = None               # DecodedImage once decoded
+    mask: Any = None                # (h, w) uint8 once inferred
+    batch: Optional[int] = None
+    ms: Dict[str, float] = field(default_factory=dict)
+
+    def release_image(self) -> None:
+        # Decoded pixels are the bulk of a job's memory; drop them as soon as they are written.
+        self.image = None
+        self.mask = None
+
+
+def ms_since(start: float) -> float:
+    return round((time.monotonic() - start) * 1000.0, 1)
+
+
+class Counters:
+    """Thread-safe tallies: files in flight (for backpressure), processed and failed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.in_flight = 0
+        self.processed = 0
+        self.failed = 0
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self, ok: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if ok:
+                self.processed += 1
+            else:
+                self.failed += 1
+            self._idle.notify_all()
+
+    def abandoned(self) -> None:
+        """A job left claimed on purpose (shutdown): not done, not failed, no longer in flight."""
+        with self._lock:
+            self.in_flight -= 1
+            self._idle.notify_all()
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return {"processed": self.processed, "failed": self.failed, "in_flight": self.in_flight}

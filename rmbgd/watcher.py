@@ -1,0 +1,157 @@
+"""Turning inotify events and directory scans into readiness observations.
+
+The watchdog thread only translates events and hands them over through a callback (the
+daemon's queue); all decisions are made by the main loop, which owns the readiness state.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path, PurePath
+from typing import Callable, Iterator, Optional, Tuple
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from rmbgd.names import is_ignored
+from rmbgd.readiness import Seen, Signature
+
+# A directory appeared: its contents have to be scanned (events for them may predate our watch).
+SCAN_DIR = "scan_dir"
+
+Sink = Callable[[object, Path], None]
+
+# Opens and close-without-write are left out at the inotify level: they are what readers
+# (including our own claim checks) cause, never what a writer finishing a file causes.
+WANTED_EVENTS = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+
+
+def _as_path(raw: object) -> Path:
+    return Path(os.fsdecode(raw))
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, inbox: Path, sink: Sink) -> None:
+        self._inbox = inbox
+        self._sink = sink
+
+    def _wanted(self, path: Path) -> bool:
+        try:
+            rel = path.relative_to(self._inbox)
+        except ValueError:
+            return False
+        return bool(rel.parts) and not is_ignored(rel)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        src = _as_path(event.src_path)
+        if isinstance(event, (FileMovedEvent, DirMovedEvent)):
+            dest = _as_path(event.dest_path)
+            if self._wanted(src) and not event.is_directory:
+                self._sink(Seen.GONE, src)
+            if self._wanted(dest):
+                self._sink(SCAN_DIR if event.is_directory else Seen.MOVED_IN, dest)
+            return
+        if not self._wanted(src):
+            return
+        if isinstance(event, DirCreatedEvent):
+            self._sink(SCAN_DIR, src)
+        elif isinstance(event, FileClosedEvent):
+            self._sink(Seen.CLOSED, src)
+        elif isinstance(event, FileModifiedEvent):
+            self._sink(Seen.WRITTEN, src)
+        elif isinstance(event, FileCreatedEvent):
+            # Creation alone promises no close event (hard links, symlinks, mknod, and the
+            # events watchdog synthesises for folders that appear), so it only starts the
+            # quiet-period clock; a following write marks a writer at work.
+            self._sink(Seen.SCANNED, src)
+        elif isinstance(event, FileDeletedEvent):
+            self._sink(Seen.GONE, src)
+
+
+class Watcher:
+    def __init__(self, inbox: Path, sink: Sink) -> None:
+        self._inbox = inbox
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.name = "rmbgd-watcher"
+        self._observer.schedule(
+            _Handler(inbox, sink),
+            str(inbox),
+            recursive=True,
+            event_filter=WANTED_EVENTS,
+            follow_symlink=False,
+        )
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def is_alive(self) -> bool:
+        return self._observer.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._observer.stop()
+        self._observer.join(timeout)
+
+
+def signature_of(path: Path) -> Signature:
+    """(size, mtime_ns) of a regular file or a symlink itself; None if gone or anything else."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def scan(top: Path, inbox: Path) -> Iterator[Tuple[Path, os.stat_result]]:
+    """Every candidate entry below `top` (inside the inbox), without following symlinks.
+
+    Yields regular files, symlinks and other non-directories with their lstat; hidden and
+    partial names (and the private work area) are skipped.
+    """
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            rel: Optional[PurePath]
+            try:
+                rel = path.relative_to(inbox)
+            except ValueError:
+                continue
+            if is_ignored(rel):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+            else:
+                yield path, st

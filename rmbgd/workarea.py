@@ -1,0 +1,172 @@
+"""The private work area: claiming inbox files so that exactly one worker processes each.
+
+Layout, on the inbox's own filesystem so that claiming is a single atomic rename:
+
+    inbox/.rmbgd/work/<instance>/<relative path of the file>
+    inbox/.rmbgd/work/<instance>/.lock        flock()ed for the instance's whole life
+
+Two daemons on one inbox race only on rename(2): exactly one rename of a given inbox file
+succeeds, the other sees ENOENT and moves on. A crashed instance leaves its folder behind with
+nobody holding its lock; whoever takes that lock next (the same service restarting, or any
+peer at start-up) adopts the files and processes them. On a network filesystem the lock is
+released by the server when the dead client's lease expires, so a peer recovers the files then.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Iterator, List, Optional
+
+from rmbgd.names import PRIVATE_DIR
+
+LOCK_NAME = ".lock"
+
+
+@dataclass(frozen=True)
+class Claim:
+    rel: PurePath   # path relative to the inbox, as the user dropped it
+    path: Path      # where the file lives while we own it
+
+
+def default_instance_name() -> str:
+    # Host + pid keeps concurrent instances apart, on one host and across hosts sharing a
+    # filesystem; a restarted instance gets a new folder and adopts its old one through the lock.
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+class WorkArea:
+    def __init__(self, inbox: Path, instance: Optional[str] = None) -> None:
+        self.inbox = inbox
+        self.root = inbox / PRIVATE_DIR / "work"
+        self.instance = instance or default_instance_name()
+        self.dir = self.root / self.instance
+        self._lock_fd: Optional[int] = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = _lock(self.dir / LOCK_NAME)
+        if fd is None:
+            raise RuntimeError(f"work area {self.dir} is locked by another running instance")
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the lock; the folder stays if it still holds files (the next start adopts them)."""
+        if self._lock_fd is None:
+            return
+        if not any(self._files(self.dir)):
+            _remove_tree_if_empty(self.dir, keep_lock=False)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # -- claiming ---------------------------------------------------------------------------
+    def claim(self, source: Path) -> Optional[Claim]:
+        """Atomically take `source` (a path in the inbox); None if it is gone or not claimable now."""
+        rel = source.relative_to(self.inbox)
+        target = self.dir / rel
+        if os.path.lexists(target):
+            # Same relative name still in progress from an earlier drop: rename(2) would replace
+            # it, so this one waits in the inbox until the earlier one is finished.
+            return None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source, target)
+        except FileNotFoundError:
+            return None  # another instance (or the user) took it first
+        return Claim(rel=PurePath(rel), path=target)
+
+    def release_dirs(self, claim: Claim) -> None:
+        """Remove folders left empty under our area after a claim is finished."""
+        parent = claim.path.parent
+        while parent != self.dir and self.dir in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                return
+            parent = parent.parent
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover(self) -> List[Claim]:
+        """Adopt files claimed by instances that are no longer running (including our own past)."""
+        if not self.root.is_dir():
+            return []
+        # Our own folder first (a reused instance name), before it receives adopted files.
+        adopted: List[Claim] = self._own_leftovers()
+        for other in sorted(self.root.iterdir()):
+            if other == self.dir or not other.is_dir() or other.is_symlink():
+                continue
+            fd = _lock(other / LOCK_NAME)
+            if fd is None:
+                continue  # alive: its owner is still working on those files
+            try:
+                for path in list(self._files(other)):
+                    rel = path.relative_to(other)
+                    target = self.dir / rel
+                    if os.path.lexists(target):
+                        continue  # left for a later recovery; never overwrite a claim
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(path, target)
+                    adopted.append(Claim(rel=PurePath(rel), path=target))
+                _remove_tree_if_empty(other, keep_lock=False)
+            finally:
+                os.close(fd)
+        return adopted
+
+    def _own_leftovers(self) -> List[Claim]:
+        return [Claim(rel=PurePath(p.relative_to(self.dir)), path=p) for p in self._files(self.dir)]
+
+    @staticmethod
+    def _files(top: Path) -> Iterator[Path]:
+        """Every non-directory entry below `top` except the lock, without following links."""
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif not (folder == top and entry.name == LOCK_NAME):
+                    yield Path(entry.path)
+
+
+def _lock(path: Path) -> Optional[int]:
+    """Open and exclusively flock `path`; None when someone else holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def _remove_tree_if_empty(top: Path, keep_lock: bool) -> None:
+    """Remove empty folders bottom-up, and the lock file unless asked to keep it."""
+    for folder, dirnames, filenames in os.walk(top, topdown=False):
+        here = Path(folder)
+        if here == top and not keep_lock and filenames == [LOCK_NAME]:
+            (here / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            here.rmdir()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise
+
+
+def is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False

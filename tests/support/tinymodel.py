@@ -1,0 +1,91 @@
+"""Build a tiny BiRefNet-like model on disk, in the Hugging Face custom-code layout.
+
+The checkpoint is loaded by rmbgd exactly like BiRefNet is: through
+``AutoModelForImageSegmentation.from_pretrained(path, trust_remote_code=True)``,
+which reads ``config.json``'s ``auto_map``, imports the copied Python files and
+loads ``model.safetensors``.
+
+The model's mask depends only on the red channel of the pixel::
+
+    logit = GAIN * r + OFFSET        with r = red / 255 in [0, 1]
+    alpha = round(255 * sigmoid(logit))
+
+so pure red is opaque (255), no red is transparent (0), and red 128 is about
+half (131). The coefficients live in the saved weights, not in the code.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+GAIN = 24.0
+OFFSET = -12.0
+
+# BiRefNet's input normalisation; the stored weights undo it for the red channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CODE_DIR = Path(__file__).parent / "tinyseg"
+CODE_FILES = ("configuration_tinyseg.py", "modeling_tinyseg.py")
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_tinyseg.TinySegConfig",
+    "AutoModelForImageSegmentation": "modeling_tinyseg.TinySegModel",
+}
+
+
+def alpha_for_rgb(r: int, g: int, b: int) -> int:
+    """The alpha the tiny model predicts for a flat region of colour (r, g, b)."""
+    del g, b  # the model looks at red only; kept for a colour-shaped signature
+    logit = GAIN * (r / 255.0) + OFFSET
+    return int(round(255.0 / (1.0 + math.exp(-logit))))
+
+
+def expected_alpha(rgb: np.ndarray) -> np.ndarray:
+    """Per-pixel uint8 alpha for an (..., 3) uint8 RGB array of flat regions."""
+    rgb = np.asarray(rgb)
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"expected (..., 3) RGB, got shape {rgb.shape}")
+    logit = GAIN * (rgb[..., 0].astype(np.float64) / 255.0) + OFFSET
+    return np.rint(255.0 / (1.0 + np.exp(-logit))).astype(np.uint8)
+
+
+def build_tiny_model(dest: Path, *, delay_ms_per_call: float = 0.0, delay_ms_per_image: float = 0.0) -> Path:
+    """Write config.json, model.safetensors and the model's code into ``dest``; return it.
+
+    The delays make the forward call wait (without using the CPU) like a busy accelerator.
+    """
+    import torch
+
+    from .tinyseg.configuration_tinyseg import TinySegConfig
+    from .tinyseg.modeling_tinyseg import TinySegModel
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    config = TinySegConfig(
+        auto_map=dict(AUTO_MAP),
+        delay_ms_per_call=delay_ms_per_call,
+        delay_ms_per_image=delay_ms_per_image,
+    )
+    model = TinySegModel(config)
+    # x_red = (r - mean) / std, so GAIN * r + OFFSET = (GAIN * std) * x_red + (GAIN * mean + OFFSET).
+    weight = torch.zeros_like(model.head.weight)
+    weight[0, 0, 0, 0] = GAIN * IMAGENET_STD[0]
+    bias = torch.tensor([GAIN * IMAGENET_MEAN[0] + OFFSET])
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+
+    from transformers.utils import logging as hf_logging
+
+    # save_pretrained draws a progress bar on stderr otherwise.
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(dest, safe_serialization=True)
+    for name in CODE_FILES:
+        shutil.copyfile(CODE_DIR / name, dest / name)
+    return dest

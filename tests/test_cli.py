@@ -1,0 +1,125 @@
+"""The command line as users call it: exit codes, one-line errors, no tracebacks."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rmbgd import __version__
+from tests.support.daemon import REPO, subprocess_env
+
+
+def rmbgd(*args, env=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "rmbgd", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO),
+    )
+
+
+def config_file(tmp_path, **overrides):
+    data = {
+        "paths": {
+            "inbox": str(tmp_path / "inbox"),
+            "outbox": str(tmp_path / "outbox"),
+            "errors": str(tmp_path / "errors"),
+            "done": None,
+        }
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_version_and_help():
+    result = rmbgd("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"rmbgd {__version__}"
+    for args in (["--help"], ["run", "--help"], ["check", "--help"]):
+        result = rmbgd(*args)
+        assert result.returncode == 0 and "usage: rmbgd" in result.stdout
+
+
+def test_check_ok(tmp_path):
+    result = rmbgd("check", "--config", str(config_file(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_check_example_config_is_valid():
+    result = rmbgd("check", "--config", str(REPO / "config.example.yaml"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_reports_dotted_key_without_traceback(tmp_path):
+    path = config_file(tmp_path, batch={"size": "eight"})
+    result = rmbgd("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "batch.size: expected an integer, got 'eight'"
+    assert "Traceback" not in result.stderr
+
+
+def test_check_rejects_unknown_key_and_nested_folders(tmp_path):
+    path = config_file(tmp_path, watch={"settle_secs": 1})
+    result = rmbgd("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("watch.settle_secs: unknown key")
+
+    data = yaml.safe_load(path.read_text())
+    data.pop("watch")
+    data["paths"]["outbox"] = str(tmp_path / "inbox" / "out")
+    path.write_text(yaml.safe_dump(data))
+    result = rmbgd("check", "--config", str(path))
+    assert result.returncode == 2
+    assert "paths.outbox: must not be inside paths.inbox" in result.stderr
+
+
+def test_check_missing_file():
+    result = rmbgd("check", "--config", "/nonexistent/rmbgd.yaml")
+    assert result.returncode == 2
+    assert "/nonexistent/rmbgd.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_with_bad_config_logs_json_and_exits_2(tmp_path):
+    path = config_file(tmp_path, batch={"size": 0})
+    result = rmbgd("run", "--config", str(path))
+    assert result.returncode == 2
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[-1]["event"] == "startup_failed"
+    assert lines[-1]["error"].startswith("batch.size:")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_run_with_unreachable_hub_model_fails_fast_with_one_clear_line(tmp_path):
+    # This machine (like CI) has no route to the hub: the example's model id cannot load.
+    path = config_file(tmp_path, model={"name": "ZhengPeng7/BiRefNet", "device": "cpu"})
+    env = subprocess_env(tmp_path / "hf")
+    env.pop("HF_HUB_OFFLINE")
+    started = time.monotonic()
+    result = rmbgd("run", "--config", str(path), env=env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert elapsed < 60
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    failures = [r for r in records if r["event"] == "startup_failed"]
+    assert len(failures) == 1
+    error = failures[0]["error"]
+    assert "\n" not in error
+    assert error.startswith("model.name:")
+    assert "local" in error and "directory" in error
+    assert result.stderr == ""
+    assert "ready" not in [r["event"] for r in records]
+
+
+def test_run_with_missing_local_model_dir(tmp_path):
+    path = config_file(tmp_path, model={"name": str(tmp_path / "no-such-model"), "device": "cpu"})
+    result = rmbgd("run", "--config", str(path), env=subprocess_env(tmp_path / "hf"))
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[-1]["event"] == "startup_failed"
+    assert records[-1]["error"].startswith("model.name:")

@@ -1,0 +1,132 @@
+"""Readiness rules with a fake clock and a fake stat: no sleeping, no disk."""
+
+from rmbgd.readiness import Readiness, Seen
+
+A = "inbox/a.jpg"
+
+
+class FakeDisk:
+    def __init__(self):
+        self.files = {}
+
+    def write(self, path, size, mtime):
+        self.files[path] = (size, mtime)
+
+    def stat(self, path):
+        return self.files.get(path)
+
+
+def make(settle=1.0, writer_timeout=300.0):
+    return Readiness(settle, writer_timeout), FakeDisk()
+
+
+def test_closed_after_write_is_ready_immediately():
+    r, disk = make()
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0)
+    r.observe(A, Seen.WRITTEN, 0.0)
+    assert r.poll(0.1, disk.stat) == []
+    r.observe(A, Seen.CLOSED, 0.2)
+    assert r.poll(0.2, disk.stat) == [A]
+    assert A not in r  # handed over exactly once
+    assert r.poll(5.0, disk.stat) == []
+
+
+def test_moved_in_is_ready_immediately():
+    r, disk = make()
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.MOVED_IN, 0.0)
+    assert r.poll(0.0, disk.stat) == [A]
+
+
+def test_scanned_file_needs_settle_seconds_of_stability():
+    r, disk = make(settle=1.0)
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0, (10, 1))
+    assert r.poll(0.5, disk.stat) == []
+    assert r.poll(0.99, disk.stat) == []
+    assert r.poll(1.0, disk.stat) == [A]
+
+
+def test_size_or_mtime_change_restarts_the_quiet_period():
+    r, disk = make(settle=1.0)
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0, (10, 1))
+    disk.write(A, 20, 1)
+    assert r.poll(0.9, disk.stat) == []  # growth seen at 0.9
+    disk.write(A, 20, 2)
+    assert r.poll(1.5, disk.stat) == []  # mtime changed at 1.5
+    assert r.poll(2.4, disk.stat) == []
+    assert r.poll(2.5, disk.stat) == [A]
+
+
+def test_open_writer_pausing_longer_than_settle_is_not_ready():
+    r, disk = make(settle=1.0, writer_timeout=300.0)
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0)
+    r.observe(A, Seen.WRITTEN, 0.0)
+    for t in (1.0, 5.0, 60.0, 299.0):
+        assert r.poll(t, disk.stat) == []
+    r.observe(A, Seen.WRITTEN, 299.5)
+    r.observe(A, Seen.CLOSED, 300.0)
+    assert r.poll(300.0, disk.stat) == [A]
+
+
+def test_lost_close_event_falls_back_to_writer_timeout():
+    r, disk = make(settle=1.0, writer_timeout=30.0)
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.WRITTEN, 0.0)
+    assert r.poll(0.0, disk.stat) == []
+    assert r.poll(29.0, disk.stat) == []
+    assert r.poll(30.0, disk.stat) == [A]
+
+
+def test_empty_file_without_close_waits_for_writer_timeout():
+    r, disk = make(settle=1.0, writer_timeout=30.0)
+    disk.write(A, 0, 1)
+    r.observe(A, Seen.SCANNED, 0.0, (0, 1))
+    assert r.poll(5.0, disk.stat) == []
+    assert r.poll(30.0, disk.stat) == [A]
+
+
+def test_empty_file_closed_is_ready():
+    r, disk = make()
+    disk.write(A, 0, 1)
+    r.observe(A, Seen.CLOSED, 0.0)
+    assert r.poll(0.0, disk.stat) == [A]
+
+
+def test_vanished_file_is_dropped():
+    r, disk = make()
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0, (10, 1))
+    del disk.files[A]
+    assert r.poll(2.0, disk.stat) == []
+    assert A not in r
+
+
+def test_gone_event_forgets_even_a_completed_file():
+    r, disk = make()
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.CLOSED, 0.0)
+    r.observe(A, Seen.GONE, 0.1)
+    assert r.poll(0.2, disk.stat) == []
+
+
+def test_rescan_of_unchanged_file_does_not_restart_quiet_period():
+    r, disk = make(settle=1.0)
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0, (10, 1))
+    r.observe(A, Seen.SCANNED, 0.8, (10, 1))
+    assert r.poll(1.0, disk.stat) == [A]
+
+
+def test_next_due():
+    r, disk = make(settle=1.0, writer_timeout=10.0)
+    assert r.next_due() is None
+    r.observe(A, Seen.SCANNED, 2.0, (10, 1))
+    assert r.next_due() == 3.0
+    r.observe("b", Seen.WRITTEN, 1.0)
+    assert r.next_due() == 3.0
+    r.observe("c", Seen.CLOSED, 4.0)
+    assert r.next_due() == float("-inf")
