@@ -170,6 +170,7 @@ class Pipeline:
                 alpha,
                 compress_level=out.png_compress_level,
                 clean_transparent=out.clean_transparent,
+                icc_profile=job.image.icc_profile,
             )
             job.ms["encode"] = ms_since(start)
             stage = "write"

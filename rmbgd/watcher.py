@@ -6,8 +6,10 @@ daemon's queue); all decisions are made by the main loop, which owns the readine
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import warnings
 from pathlib import Path, PurePath
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -91,6 +93,9 @@ class _Handler(FileSystemEventHandler):
 
 class Watcher:
     def __init__(self, inbox: Path, sink: Sink) -> None:
+        # watchdog warns when folders are created faster than it adds watches (mkdir -p, our
+        # own claim folders); it re-registers the watch itself, so the warning is only noise.
+        warnings.filterwarnings("ignore", message=r"Callback with id .* already exists", category=RuntimeWarning)
         self._inbox = inbox
         self._observer = Observer()
         self._observer.daemon = True
@@ -110,8 +115,20 @@ class Watcher:
         return self._observer.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._observer.stop()
-        self._observer.join(timeout)
+        # Stopping races watchdog's own emitter thread, which then logs a harmless ERROR
+        # ("queue_events() called when the thread is inactive"); an operator must not see a
+        # false error on every clean stop.
+        inotify_log = logging.getLogger("watchdog.observers.inotify")
+        inotify_log.addFilter(_drop_inactive_emitter_noise)
+        try:
+            self._observer.stop()
+            self._observer.join(timeout)
+        finally:
+            inotify_log.removeFilter(_drop_inactive_emitter_noise)
+
+
+def _drop_inactive_emitter_noise(record: logging.LogRecord) -> bool:
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 def signature_of(path: Path) -> Signature:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.support.photos import BLUE, RED, check_output, pattern, save
+from tests.support.daemon import wait_until
+from tests.support.photos import RED, check_output, pattern, save
 
 ALL_DONE = ("file_done", "file_failed")
 
@@ -66,6 +67,8 @@ def test_mix_of_images_batched_with_known_masks(daemons, folders):
     assert daemon.events("stopping") and daemon.events("stopped")
     assert daemon.non_json == [], "every stdout line must be JSON"
     assert daemon.stderr_lines == [], "nothing may bypass the JSON log"
+    noisy = [r for r in daemon.records if r["level"] not in ("info", "debug")]
+    assert noisy == [], "a clean run logs no warnings or errors"
     for record in daemon.records:
         assert {"timestamp", "level", "event"} <= set(record)
         assert record["timestamp"].endswith(("Z", "+00:00"))
@@ -284,3 +287,28 @@ def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, folders, slow_
     assert second.events("file_failed") == [] and second.events("file_stuck") == []
     assert first_done + len(second.events("file_done")) == total, "each file processed exactly once"
     assert sorted(p.name for p in folders.outbox.glob("*.png")) == [f"p{i:02d}.png" for i in range(total)]
+
+
+def test_two_daemons_on_one_inbox_process_each_file_once(daemons, folders):
+    config = daemons.config(batch={"size": 2, "max_wait_ms": 20})
+    first = daemons.start(config)
+    second = daemons.start(config)
+    inbox = folders.inbox
+    total = 16
+    rgb = pattern(120, 120, (0.2, 0.2, 0.6, 0.6))
+    for i in range(total):
+        save(rgb, inbox / f".s{i}.png", "PNG")
+    for i in range(total):
+        (inbox / f".s{i}.png").rename(inbox / f"s{i:02d}.png")
+
+    wait_until(
+        lambda: len(first.events("file_done")) + len(second.events("file_done")) >= total,
+        [first, second],
+        timeout=120,
+        what="all files processed by the two daemons",
+    )
+    inputs = [r["input"] for d in (first, second) for r in d.events("file_done")]
+    assert sorted(inputs) == sorted(str(inbox / f"s{i:02d}.png") for i in range(total))
+    assert sorted(p.name for p in folders.outbox.iterdir()) == [f"s{i:02d}.png" for i in range(total)]
+    assert first.events("file_failed") == [] and second.events("file_failed") == []
+    assert first.stop() == 0 and second.stop() == 0

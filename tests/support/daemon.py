@@ -103,6 +103,13 @@ class DaemonProcess:
             except queue.Empty:
                 pass
 
+    def next_record(self, timeout: float) -> None:
+        """Block until this daemon logs anything new, at most `timeout` seconds."""
+        try:
+            self._queue.get(timeout=timeout)
+        except queue.Empty:
+            pass
+
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
@@ -125,6 +132,16 @@ class DaemonProcess:
             self.proc.wait(10)
         self._out.join(5)
         self._err.join(5)
+
+
+def wait_until(condition: Callable[[], bool], daemons: List[DaemonProcess], timeout: float, what: str) -> None:
+    """Wait on the daemons' logs (not on a bare sleep) until `condition` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise LogTimeout(f"{what} within {timeout}s")
+        for daemon in daemons:
+            daemon.next_record(0.05)
 
 
 def write_config(path: Path, data: dict) -> Path:
