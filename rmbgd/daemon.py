@@ -124,7 +124,13 @@ class Daemon:
             instance=self._work.instance,
             waiting=len(self._readiness),
         )
-        code = self._main_loop()
+        try:
+            code = self._main_loop()
+        except BaseException:
+            # Still drain in order (the CLI logs the crash itself), so an unexpected error in
+            # the loop does not also abandon the batch in flight.
+            self._shutdown(EXIT_FAILURE)
+            raise
         return self._shutdown(code)
 
     def _load_model(self) -> Any:
@@ -162,7 +168,7 @@ class Daemon:
     def _shutdown(self, code: int) -> int:
         self.log.info("stopping", reason=self._signal_name or "failure", **self._counters.snapshot())
         self._watcher.stop()
-        unbatched = self._pipeline.stop_intake()
+        self._pipeline.stop_intake()
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
         while not self._pipeline.wait(TICK_SECONDS):
             self._check_forced()
@@ -170,11 +176,8 @@ class Daemon:
                 self.log.error("drain_timeout", seconds=DRAIN_TIMEOUT_SECONDS, **self._counters.snapshot())
                 return EXIT_FAILURE
         self._work.close()
-        self.log.info(
-            "stopped",
-            left_claimed=len(unbatched) + max(0, self._counters.in_flight - len(unbatched)),
-            **self._counters.snapshot(),
-        )
+        # in_flight now counts the files left claimed for the next start.
+        self.log.info("stopped", **self._counters.snapshot())
         return code
 
     # -- watching and claiming --------------------------------------------------------------

@@ -58,15 +58,14 @@ class Pipeline:
     def submit(self, job: Job) -> None:
         self._track(self._decode_pool.submit(self._decode, job))
 
-    def stop_intake(self) -> List[Job]:
-        """Stop forming batches and decoding; returns jobs that were decoded but never batched.
+    def stop_intake(self) -> None:
+        """Stop forming batches and decoding.
 
         The batch already handed to the model thread is finished; everything else stays claimed
         in the work area, where the next start finds it.
         """
         self.batches.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        return self.batches.drain()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` for the model thread and the pending encodes; True when done."""
