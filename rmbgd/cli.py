@@ -39,6 +39,28 @@ def _parser() -> argparse.ArgumentParser:
         "otherwise print every problem as 'dotted.key: what is wrong' on stderr and exit 2.",
     )
     check.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+
+    fetch = commands.add_parser(
+        "fetch-model",
+        help="download the configured model, e.g. to prepare an offline machine",
+        description="Download model.name (at model.revision, if set) from the Hugging Face hub into "
+        "the Hugging Face cache (HF_HOME), or into DIR. Copy that cache, or DIR, to an offline "
+        "machine; with DIR, point model.name at it there. Prints the model's folder; on failure "
+        "prints one line on stderr and exits 1 (2 for a config error).",
+    )
+    fetch.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    fetch.add_argument("--to", metavar="DIR", help="download into this folder instead of the cache")
+
+    status = commands.add_parser(
+        "status",
+        help="show what the running instance(s) of a config are doing",
+        description="Print uptime, model, device, processed/failed counts, queue and the last "
+        "error of every instance using this config, from the status files in its state folder "
+        "(state.dir). Exit 0 when one is running, 3 when none is, 4 when the folder is unreadable.",
+    )
+    status.add_argument("--config", metavar="PATH", help="YAML config file")
+    status.add_argument("--state-dir", metavar="DIR", help="read this state folder instead of the config's")
+    status.add_argument("--json", action="store_true", help="print the status documents as JSON")
     return parser
 
 
@@ -46,6 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "fetch-model":
+        return _fetch_model(args.config, args.to)
+    if args.command == "status":
+        return _status(args.config, args.state_dir, args.json)
     return _run(args.config)
 
 
@@ -58,7 +84,9 @@ def _check(path: str) -> int:
         for problem in exc.problems:
             sys.stderr.write(f"{problem}\n")
         return EXIT_USAGE
-    problems = check_folders(cfg)
+    from rmbgd import metrics
+
+    problems = check_folders(cfg) + metrics.problems(cfg)
     for problem in problems:
         sys.stderr.write(f"{problem}\n")
     if problems:
@@ -67,21 +95,72 @@ def _check(path: str) -> int:
     return 0
 
 
+def _fetch_model(path: str, to: Optional[str]) -> int:
+    from pathlib import Path
+
+    from rmbgd.config import ConfigError, load_config
+    from rmbgd.hub import ModelLoadError, fetch_model
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"{problem}\n")
+        return EXIT_USAGE
+    try:
+        folder = fetch_model(cfg.model, to=Path(to) if to else None)
+    except ModelLoadError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    sys.stdout.write(f"{folder}\n")
+    return 0
+
+
+def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int:
+    from pathlib import Path
+
+    from rmbgd.config import ConfigError, load_config
+    from rmbgd.statusfile import default_state_dir, report
+
+    if state_dir:
+        directory = Path(state_dir)
+    elif path:
+        try:
+            directory = default_state_dir(load_config(path))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                sys.stderr.write(f"{problem}\n")
+            return EXIT_USAGE
+    else:
+        sys.stderr.write("rmbgd status: give --config PATH (or --state-dir DIR)\n")
+        return EXIT_USAGE
+    text, code = report(directory, as_json=as_json)
+    sys.stdout.write(text)
+    return code
+
+
 def _run(path: str) -> int:
     from rmbgd import logs
     from rmbgd.config import ConfigError, check_folders, load_config
 
     logs.configure("info")
     log = logs.get_logger()
+    from rmbgd import metrics
+
     try:
         cfg = load_config(path)
-        problems = check_folders(cfg)
+        problems = check_folders(cfg) + metrics.problems(cfg)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
         _startup_failed(log, exc.problems[0], more=exc.problems[1:])
         return EXIT_USAGE
     logs.set_level(cfg.logging.level)
+    try:
+        logs.set_file(cfg.logging.file)
+    except OSError as exc:
+        _startup_failed(log, f"logging.file: cannot open {cfg.logging.file}: {exc.strerror or exc}")
+        return 1
 
     from rmbgd.daemon import Daemon, StartupError
 

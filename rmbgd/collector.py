@@ -5,6 +5,13 @@ The model worker asks for the next batch as soon as it is free. A batch is relea
 became ready; time spent waiting while the model was busy counts, so after a long model call
 the backlog goes out at once instead of waiting again.
 
+Images in one batch must share one size, so items carry a key (the model input size) and
+only items with the same key are batched together. The rule above applies to each key on
+its own. When several keys are due at once, the one holding the oldest item goes first:
+a backlog is served in arrival order and no size can starve another. A full batch of one
+key does go out before a partial batch of another key that is not yet due, since waiting
+for that one would only delay both.
+
 `Collector` is the pure rule (the caller passes the time); `BatchQueue` wraps it for threads.
 """
 
@@ -14,48 +21,86 @@ import bisect
 import itertools
 import threading
 import time
-from typing import Callable, Generic, List, Optional, TypeVar
+from typing import Callable, Dict, Generic, Hashable, List, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
+
+# (ready time, arrival order, item): ordered by the first two only.
+_Entry = Tuple[float, int, object]
+
+
+def _order(entry: _Entry) -> Tuple[float, int]:
+    return entry[0], entry[1]
 
 
 class Collector(Generic[T]):
     def __init__(self, size: int, max_wait_seconds: float) -> None:
+        self._size = 1
+        self._max_wait = 0.0
+        self.reconfigure(size, max_wait_seconds)
+        # Each group is sorted by (ready time, arrival order): items may finish decoding out
+        # of order, but the oldest one decides when the batch is due.
+        self._groups: Dict[Hashable, List[_Entry]] = {}
+        self._order = itertools.count()
+        self._count = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def __len__(self) -> int:
+        return self._count
+
+    def reconfigure(self, size: int, max_wait_seconds: float) -> None:
+        """Change the batch size and wait; waiting items keep their place and age."""
         if size < 1:
             raise ValueError("batch size must be at least 1")
         self._size = size
         self._max_wait = max(0.0, max_wait_seconds)
-        # Sorted by (ready time, arrival order): items may finish decoding out of order, but
-        # the oldest one decides when the batch is due.
-        self._items: List[tuple] = []
-        self._order = itertools.count()
 
-    def __len__(self) -> int:
-        return len(self._items)
+    def add(self, item: T, ready_at: float, key: Hashable = None) -> None:
+        entries = self._groups.setdefault(key, [])
+        bisect.insort(entries, (ready_at, next(self._order), item), key=_order)
+        self._count += 1
 
-    def add(self, item: T, ready_at: float) -> None:
-        bisect.insort(self._items, (ready_at, next(self._order), item), key=lambda e: e[:2])
+    def _group_due(self, entries: List[_Entry]) -> float:
+        if len(entries) >= self._size:
+            return float("-inf")
+        return entries[0][0] + self._max_wait
 
     def due_at(self) -> Optional[float]:
         """When the next batch will be released if nothing else arrives (None: queue empty)."""
-        if not self._items:
+        if not self._groups:
             return None
-        if len(self._items) >= self._size:
-            return float("-inf")
-        return self._items[0][0] + self._max_wait
+        return min(self._group_due(entries) for entries in self._groups.values())
 
     def take(self, now: float) -> Optional[List[T]]:
-        """The next batch, oldest first, if one is due at `now`; else None."""
-        due = self.due_at()
-        if due is None or now < due:
+        """The next batch, oldest first, all of one key, if one is due at `now`; else None."""
+        due = [
+            (_order(entries[0]), key)
+            for key, entries in self._groups.items()
+            if self._group_due(entries) <= now
+        ]
+        if not due:
             return None
-        batch, self._items = self._items[: self._size], self._items[self._size :]
+        _, key = min(due, key=lambda pair: pair[0])
+        entries = self._groups[key]
+        batch, rest = entries[: self._size], entries[self._size :]
+        if rest:
+            self._groups[key] = rest
+        else:
+            del self._groups[key]
+        self._count -= len(batch)
         return [entry[2] for entry in batch]
 
     def drain(self) -> List[T]:
-        items = [entry[2] for entry in self._items]
-        self._items = []
-        return items
+        """Every waiting item, oldest first whatever its key; the collector is then empty."""
+        entries = sorted(
+            (entry for group in self._groups.values() for entry in group), key=_order
+        )
+        self._groups = {}
+        self._count = 0
+        return [entry[2] for entry in entries]
 
 
 class BatchQueue(Generic[T]):
@@ -76,17 +121,19 @@ class BatchQueue(Generic[T]):
         with self._cond:
             return len(self._collector)
 
-    def put(self, item: T, ready_at: Optional[float] = None) -> None:
+    @property
+    def size(self) -> int:
         with self._cond:
-            self._collector.add(item, self._clock() if ready_at is None else ready_at)
+            return self._collector.size
+
+    def put(self, item: T, ready_at: Optional[float] = None, key: Hashable = None) -> None:
+        with self._cond:
+            self._collector.add(item, self._clock() if ready_at is None else ready_at, key)
             self._cond.notify_all()
 
     def reconfigure(self, size: int, max_wait_seconds: float) -> None:
         with self._cond:
-            old = self._collector
-            self._collector = Collector(size, max_wait_seconds)
-            for ready_at, _, item in old._items:
-                self._collector.add(item, ready_at)
+            self._collector.reconfigure(size, max_wait_seconds)
             self._cond.notify_all()
 
     def close(self) -> None:

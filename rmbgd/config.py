@@ -23,10 +23,12 @@ __all__ = [
     "ConfigError",
     "InputConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "ModelConfig",
     "OutputConfig",
     "PathsConfig",
     "PipelineConfig",
+    "StateConfig",
     "WatchConfig",
     "check_folders",
     "effective_max_in_flight",
@@ -54,6 +56,8 @@ class WatchConfig:
     rescan_seconds: float = 30.0
     # A writer that keeps a file open but stops writing must not block it forever.
     writer_timeout_seconds: float = 300.0
+    # inotify does not see writes made by other NFS/SMB clients: poll the inbox instead.
+    polling: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,14 @@ class ModelConfig:
     name: str = "ZhengPeng7/BiRefNet"
     device: str = "auto"
     trust_remote_code: bool = True
-    input_size: int = 1024
+    # An int (the side of the square every image is resized to) or "dynamic" (each image at
+    # its own size, rounded to a multiple of 32 and capped by max_input_size).
+    input_size: int | str = 1024
     revision: str | None = None
+    # auto = float16 on CUDA, float32 on CPU.
+    dtype: str = "auto"
+    max_input_size: int = 2048
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,24 @@ class PipelineConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
+    # A copy of the log as JSON lines, for hosts that do not keep the journal.
+    file: Path | None = None
+    # A `progress` event this often while there is work; 0 turns it off.
+    progress_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    # None: <inbox>/.rmbgd/state, a place `rmbgd status` finds from the config alone.
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # None: no metrics endpoint, and prometheus-client is never imported.
+    port: int | None = None
+    # Loopback by default: an unauthenticated endpoint should not face the network unasked.
+    address: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
 
@@ -134,10 +164,14 @@ _SECTIONS: dict[str, type] = {
     "output": OutputConfig,
     "pipeline": PipelineConfig,
     "logging": LoggingConfig,
+    "state": StateConfig,
+    "metrics": MetricsConfig,
 }
 _FOLDER_KEYS = ("inbox", "outbox", "errors", "done")
 _DONE_HINT = "set a folder, or null to delete originals after success"
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+_DTYPE_RE = re.compile(r"auto|float16|bfloat16|float32")
+DYNAMIC_INPUT_SIZE = "dynamic"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # A config is a few hundred bytes; the cap keeps `--config /dev/zero` from eating memory.
 _MAX_CONFIG_BYTES = 1024 * 1024
@@ -202,7 +236,7 @@ def _check_unknown(
         dotted = f"{prefix}.{name}" if prefix else name
         close = difflib.get_close_matches(name, allowed, n=1) if isinstance(key, str) else []
         message = "unknown key"
-        # Only eight sections exist, so the full list is always worth showing at the top.
+        # Only ten sections exist, so the full list is always worth showing at the top.
         if not prefix or not close:
             message += f" (expected one of: {', '.join(allowed)})"
         if close:
@@ -230,8 +264,8 @@ class _Section:
             return _BAD
         return self._in_range(name, value, lo, hi)
 
-    def number(self, name: str, default: float, above: float) -> float:
-        """A float strictly greater than `above`; ints are accepted and widened."""
+    def number(self, name: str, default: float, above: float | None = None, at_least: float | None = None) -> float:
+        """A float strictly greater than `above` (or at least `at_least`); ints are widened."""
         if name not in self.data:
             return default
         value = self.data[name]
@@ -241,10 +275,13 @@ class _Section:
         if not math.isfinite(value):
             self.problems.add(self._key(name), f"must be a finite number, got {_describe(value)}")
             return _BAD
-        if value <= above:
+        if above is not None and value <= above:
             self.problems.add(
                 self._key(name), f"must be greater than {above:g}, got {_describe(value)}"
             )
+            return _BAD
+        if at_least is not None and value < at_least:
+            self.problems.add(self._key(name), f"must be at least {at_least:g}, got {_describe(value)}")
             return _BAD
         return float(value)
 
@@ -376,7 +413,10 @@ def _parse_watch(s: _Section) -> WatchConfig:
             f"must be at least watch.settle_seconds ({settle:g}), got {writer:g}",
         )
         writer = _BAD
-    return WatchConfig(settle_seconds=settle, rescan_seconds=rescan, writer_timeout_seconds=writer)
+    polling = s.boolean("polling", _default(WatchConfig, "polling"))
+    return WatchConfig(
+        settle_seconds=settle, rescan_seconds=rescan, writer_timeout_seconds=writer, polling=polling
+    )
 
 
 def _parse_batch(s: _Section) -> BatchConfig:
@@ -390,10 +430,17 @@ def _parse_model(s: _Section, base_dir: Path) -> ModelConfig:
     name = s.string("name", _default(ModelConfig, "name"))
     if name is not _BAD and "name" in s.data:
         name = _model_name(name, base_dir)
-    input_size = s.integer("input_size", _default(ModelConfig, "input_size"), 64, 4096)
-    if input_size is not _BAD and input_size % 32:
-        s.problems.add("model.input_size", f"must be a multiple of 32, got {input_size}")
+    raw_size = s.data.get("input_size")
+    if isinstance(raw_size, str) and raw_size.strip().lower() == DYNAMIC_INPUT_SIZE:
+        input_size: int | str = DYNAMIC_INPUT_SIZE
+    elif isinstance(raw_size, str):
+        s.problems.add(
+            "model.input_size", f"expected an integer or {DYNAMIC_INPUT_SIZE}, got {_describe(raw_size)}"
+        )
         input_size = _BAD
+    else:
+        input_size = _multiple_of_32(s, "input_size")
+    max_input_size = _multiple_of_32(s, "max_input_size")
     return ModelConfig(
         name=name,
         device=s.choice(
@@ -404,17 +451,51 @@ def _parse_model(s: _Section, base_dir: Path) -> ModelConfig:
         ),
         input_size=input_size,
         revision=s.string("revision", _default(ModelConfig, "revision"), nullable=True),
+        dtype=s.choice(
+            "dtype",
+            _default(ModelConfig, "dtype"),
+            _DTYPE_RE,
+            "auto, float16, bfloat16 or float32",
+        ),
+        max_input_size=max_input_size,
+        compile=s.boolean("compile", _default(ModelConfig, "compile")),
     )
 
 
-def _parse_logging(s: _Section) -> LoggingConfig:
+def _multiple_of_32(s: _Section, name: str) -> int:
+    # BiRefNet downsamples by 32: other sides would be padded or cropped inside the model.
+    value = s.integer(name, _default(ModelConfig, name), 64, 4096)
+    if value is not _BAD and value % 32:
+        s.problems.add(f"model.{name}", f"must be a multiple of 32, got {value}")
+        return _BAD
+    return value
+
+
+def _optional_path(s: _Section, name: str, base_dir: Path) -> Path | None:
+    raw = s.string(name, None, nullable=True)
+    if raw is None or raw is _BAD:
+        return raw
+    return _absolute(raw, base_dir)
+
+
+def _parse_metrics(s: _Section) -> MetricsConfig:
+    port = None
+    if s.data.get("port") is not None:
+        # 0 lets the kernel pick a free port (the daemon logs which); useful in tests.
+        port = s.integer("port", 0, 0, 65535)
+    address = s.string("address", _default(MetricsConfig, "address"))
+    return MetricsConfig(port=port, address=address)
+
+
+def _parse_logging(s: _Section, base_dir: Path) -> LoggingConfig:
     level = s.choice(
         "level",
         _default(LoggingConfig, "level"),
         re.compile("|".join(_LOG_LEVELS)),
         "debug, info, warning or error",
     )
-    return LoggingConfig(level=level)
+    progress = s.number("progress_seconds", _default(LoggingConfig, "progress_seconds"), at_least=0)
+    return LoggingConfig(level=level, file=_optional_path(s, "file", base_dir), progress_seconds=progress)
 
 
 def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Config:
@@ -453,7 +534,9 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
         workers=s.integer("workers", _default(PipelineConfig, "workers"), 0),
         max_in_flight=s.integer("max_in_flight", _default(PipelineConfig, "max_in_flight"), 0),
     )
-    logging_cfg = _parse_logging(section("logging"))
+    logging_cfg = _parse_logging(section("logging"), base_dir)
+    state = StateConfig(dir=_optional_path(section("state"), "dir", base_dir))
+    metrics = _parse_metrics(section("metrics"))
 
     if problems.items:
         raise ConfigError(problems.items)
@@ -466,6 +549,8 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
         output=output,
         pipeline=pipeline,
         logging=logging_cfg,
+        state=state,
+        metrics=metrics,
         source=source,
     )
 
@@ -620,6 +705,17 @@ def check_folders(cfg: Config) -> list[str]:
                 problems.add(key_b, f"must not be inside {key_a} ({shown(path_b, real_b)})")
             elif real_a.is_relative_to(real_b):
                 problems.add(key_a, f"must not be inside {key_b} ({shown(path_a, real_a)})")
+
+    # Anything rmbgd writes into the inbox would be taken as an input; its own default state
+    # folder is hidden there, but a configured one or a log file is not.
+    inbox = _resolved(cfg.paths.inbox)
+    for key, path in (("state.dir", cfg.state.dir), ("logging.file", cfg.logging.file)):
+        if path is not None and _resolved(path).is_relative_to(inbox):
+            problems.add(key, f"must not be inside paths.inbox ({path})")
+    if cfg.logging.file is not None:
+        reason = _probe_folder(cfg.logging.file.parent, inbox=False)
+        if reason:
+            problems.add("logging.file", reason)
     return problems.items
 
 

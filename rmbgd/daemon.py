@@ -9,6 +9,7 @@ because nothing is ever half-written in place.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import queue
 import signal
@@ -16,15 +17,27 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, Deque, Optional, Set
+from typing import Any, Deque, List, Optional, Set
 
 from rmbgd import __version__
-from rmbgd.config import Config, ConfigError, effective_max_in_flight, effective_workers, prepare_folders
+from rmbgd import logs
+from rmbgd.config import (
+    Config,
+    ConfigError,
+    check_folders,
+    effective_max_in_flight,
+    effective_workers,
+    load_config,
+    prepare_folders,
+)
+from rmbgd.fsops import remove_orphan_temps
 from rmbgd.job import Counters, Job
 from rmbgd.pipeline import Pipeline
 from rmbgd.publisher import Publisher
+from rmbgd.metrics import MetricsUnavailable
 from rmbgd.readiness import Readiness, Seen
-from rmbgd.watcher import SCAN_DIR, Watcher, scan, signature_of
+from rmbgd.service import Service
+from rmbgd.watcher import RESCAN, SCAN_DIR, Watcher, scan, signature_of
 from rmbgd.workarea import Claim, WorkArea
 
 TICK_SECONDS = 0.1
@@ -56,17 +69,24 @@ class Daemon:
         self._counters = Counters()
         self._max_in_flight = max(effective_max_in_flight(cfg), cfg.batch.size)
         self._work = WorkArea(cfg.paths.inbox)
+        self._service = Service(cfg, log, instance=self._work.instance)
+        self._reload_requested = False
         self._pipeline: Optional[Pipeline] = None
+        self._publisher: Optional[Publisher] = None
         self._watcher: Optional[Watcher] = None
 
     # -- signals ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals += 1
         self._signal_name = signal.Signals(signum).name
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self._reload_requested = True
 
     @property
     def stop_requested(self) -> bool:
@@ -90,27 +110,33 @@ class Daemon:
         )
         try:
             prepare_folders(cfg)
-        except ConfigError as exc:
+            self._service.starting(cfg)
+        except (ConfigError, MetricsUnavailable) as exc:
             raise StartupError(str(exc)) from None
-        segmenter = self._load_model()
+        with self._service.loading_model(cfg.model.name):
+            segmenter = self._load_model()
         if self.stop_requested:
             self.log.info("stopping", reason=self._signal_name, during="startup")
+            self._service.stopping()
             self.log.info("stopped", **self._counters.snapshot())
+            self._service.stopped(self._counters.snapshot())
             return EXIT_OK
 
         self._work.open()
-        publisher = Publisher(cfg.paths, owner=self._work.instance)
+        self._publisher = Publisher(cfg.paths, owner=self._work.instance)
         self._pipeline = Pipeline(
-            cfg, segmenter, publisher, self._counters, self.log, on_finished=self._job_finished
+            cfg,
+            segmenter,
+            self._publisher,
+            self._counters,
+            self.log,
+            on_finished=self._job_finished,
+            on_batch=self._service.batch_done,
         )
         self._pipeline.start()
-        recovered = self._work.recover()
-        for claim in recovered:
-            self._start_job(claim)
-        if recovered:
-            self.log.info("recovered", files=len(recovered))
+        self._recover()
 
-        self._watcher = Watcher(cfg.paths.inbox, self._on_watch_event)
+        self._watcher = Watcher(cfg.paths.inbox, self._on_watch_event, polling=cfg.watch.polling)
         self._watcher.start()
         self._scan(cfg.paths.inbox)
         self.log.info(
@@ -118,12 +144,15 @@ class Daemon:
             model=cfg.model.name,
             device=segmenter.device,
             dtype=segmenter.dtype,
+            precision=getattr(segmenter, "precision", None),
+            loader=getattr(segmenter, "loader", None),
             batch_size=cfg.batch.size,
             max_wait_ms=cfg.batch.max_wait_ms,
             workers=effective_workers(cfg),
             instance=self._work.instance,
             waiting=len(self._readiness),
         )
+        self._service.ready(model=cfg.model.name, device=segmenter.device, batch_size=cfg.batch.size)
         try:
             code = self._main_loop()
         except BaseException:
@@ -132,6 +161,49 @@ class Daemon:
             self._shutdown(EXIT_FAILURE)
             raise
         return self._shutdown(code)
+
+    def _recover(self) -> None:
+        """Before `ready`: finish what a crashed predecessor (or dead peer) left half done."""
+        started = time.monotonic()
+        claims = self._work.recover()
+        finished = self._take_over(claims)
+        removed = 0
+        for root in (self.cfg.paths.outbox, self.cfg.paths.errors, self.cfg.paths.done):
+            if root is not None:
+                removed += remove_orphan_temps(root, self._work.is_dead)
+        if claims or removed:
+            self.log.info(
+                "recovered",
+                files=len(claims),
+                finished=finished,
+                requeued=len(claims) - finished,
+                temp_files_removed=removed,
+                ms=round((time.monotonic() - started) * 1000.0, 1),
+            )
+
+    def _take_over(self, claims: List[Claim]) -> int:
+        """Complete interrupted deliveries, queue the rest; returns how many were completed."""
+        finished = 0
+        for claim in claims:
+            try:
+                delivery = self._publisher.resume(claim)
+            except OSError as exc:
+                # Folders unusable right now: process it normally; the pipeline retries.
+                self.log.warning("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), error=str(exc))
+                delivery = None
+            if delivery is None:
+                self._start_job(claim)
+                continue
+            finished += 1
+            self._work.release_dirs(claim)
+            self.log.info(
+                "file_done",
+                input=str(self.cfg.paths.inbox / claim.rel),
+                output=str(delivery.output),
+                original=str(delivery.original) if delivery.original is not None else "deleted",
+                recovered=True,
+            )
+        return finished
 
     def _load_model(self) -> Any:
         # Imported here: torch and transformers take seconds to import, and `rmbgd check` or
@@ -150,12 +222,16 @@ class Daemon:
     def _main_loop(self) -> int:
         next_rescan = self._clock() + self.cfg.watch.rescan_seconds
         while not self.stop_requested:
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
             self._take_events(TICK_SECONDS)
             now = self._clock()
-            self._queue_ready(self._readiness.poll(now, signature_of))
+            self._queue_ready(self._readiness.poll(now, self._signature))
             self._claim_backlog()
             if now >= next_rescan:
                 self._scan(self.cfg.paths.inbox)
+                self._adopt_dead_peers()
                 next_rescan = now + self.cfg.watch.rescan_seconds
             if not self._watcher.is_alive():
                 self.log.error("watcher_died", reason="the inotify observer thread stopped")
@@ -163,10 +239,66 @@ class Daemon:
             if not self._pipeline.model_alive():
                 self.log.error("model_worker_died", reason="the model thread stopped")
                 return EXIT_FAILURE
+            counts = self._counters.snapshot()
+            self._service.tick(
+                processed=counts["processed"],
+                failed=counts["failed"],
+                queued=len(self._backlog),
+                in_flight=counts["in_flight"],
+                healthy=self._healthy(),
+            )
         return EXIT_OK
+
+    def _healthy(self) -> bool:
+        # A model call that hangs (a wedged GPU) stops the watchdog pings, and systemd restarts
+        # the service after WatchdogSec; an idle or progressing model is fine.
+        busy = self._pipeline.busy_seconds()
+        interval = self._service.watchdog.interval
+        stuck = interval is not None and busy > 2 * interval
+        return self._watcher.is_alive() and self._pipeline.model_alive() and not stuck
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; apply what can change live, keep the old on errors."""
+        self._service.reloading()
+        try:
+            new = load_config(self.cfg.source)
+            problems = check_folders(new)
+            if problems:
+                raise ConfigError(problems)
+        except ConfigError as exc:
+            self.log.error("reload_failed", error=exc.problems[0], kept="the running config")
+            self._service.reloaded(self.cfg.logging.progress_seconds)
+            return
+        old = self.cfg
+        # Sections bound at start-up (folders, the loaded model, pools, endpoints) keep their
+        # running values until a restart; the rest takes effect now.
+        fixed = {"paths": old.paths, "model": old.model, "pipeline": old.pipeline, "state": old.state,
+                 "metrics": old.metrics, "input": new.input}
+        needs_restart = sorted(k for k in ("paths", "model", "pipeline", "state", "metrics")
+                               if getattr(new, k) != getattr(old, k))
+        if new.watch.polling != old.watch.polling:
+            needs_restart.append("watch.polling")
+        applied = dataclasses.replace(new, **fixed)
+        try:
+            logs.set_file(applied.logging.file)
+        except OSError as exc:
+            self.log.error("reload_failed", error=f"logging.file: {exc}", kept="the running config")
+            self._service.reloaded(old.logging.progress_seconds)
+            return
+        logs.reopen()
+        logs.set_level(applied.logging.level)
+        self._readiness.reconfigure(applied.watch.settle_seconds, applied.watch.writer_timeout_seconds)
+        self._pipeline.apply(applied)
+        self._max_in_flight = max(effective_max_in_flight(applied), applied.batch.size)
+        self.cfg = applied
+        changed = sorted(k for k in ("watch", "batch", "input", "output", "logging") if getattr(new, k) != getattr(old, k))
+        self.log.info("reloaded", changed=changed, needs_restart=needs_restart,
+                      **({"note": "restart rmbgd to apply " + ", ".join(needs_restart)} if needs_restart else {}))
+        self._service.reloaded(applied.logging.progress_seconds)
 
     def _shutdown(self, code: int) -> int:
         self.log.info("stopping", reason=self._signal_name or "failure", **self._counters.snapshot())
+        self._service.stopping()
         self._watcher.stop()
         self._pipeline.stop_intake()
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
@@ -174,10 +306,12 @@ class Daemon:
             self._check_forced()
             if time.monotonic() > deadline:
                 self.log.error("drain_timeout", seconds=DRAIN_TIMEOUT_SECONDS, **self._counters.snapshot())
+                self._service.stopped(self._counters.snapshot())
                 return EXIT_FAILURE
         self._work.close()
         # in_flight now counts the files left claimed for the next start.
         self.log.info("stopped", **self._counters.snapshot())
+        self._service.stopped(self._counters.snapshot())
         return code
 
     # -- watching and claiming --------------------------------------------------------------
@@ -191,7 +325,10 @@ class Daemon:
             return
         while True:
             kind, path = item
-            if kind == SCAN_DIR:
+            if kind == RESCAN:
+                self.log.warning("events_lost", reason="inotify queue overflow; rescanning the inbox")
+                self._scan(self.cfg.paths.inbox)
+            elif kind == SCAN_DIR:
                 self._scan(path)
             elif path not in self._backlog_set:
                 self._readiness.observe(path, kind, self._clock())
@@ -207,10 +344,20 @@ class Daemon:
                 continue
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 self._readiness.observe(path, Seen.SCANNED, now, (st.st_size, st.st_mtime_ns))
-            elif path not in self._ignored_logged:
-                # FIFOs, sockets and device nodes are never opened: reading one could block forever.
-                self._ignored_logged.add(path)
-                self.log.warning("file_ignored", input=str(path), reason="not a regular file")
+            else:
+                self._ignore_special(path)
+
+    def _signature(self, path: Path):
+        signature = signature_of(path)
+        if signature is None and os.path.lexists(path):
+            self._ignore_special(path)
+        return signature
+
+    def _ignore_special(self, path: Path) -> None:
+        # FIFOs, sockets and device nodes are never opened: reading one could block forever.
+        if path not in self._ignored_logged:
+            self._ignored_logged.add(path)
+            self.log.warning("file_ignored", input=str(path), reason="not a regular file")
 
     def _queue_ready(self, paths: list) -> None:
         for path in paths:
@@ -244,6 +391,14 @@ class Daemon:
                     "symbolic link: rmbgd never follows links; copy or move the file itself into the inbox",
                 )
 
+    def _adopt_dead_peers(self) -> None:
+        # A peer sharing this inbox died (its lock is free): take over its claimed files now
+        # rather than waiting for some instance to restart.
+        adopted = self._work.adopt_dead_peers()
+        if adopted:
+            finished = self._take_over(adopted)
+            self.log.info("adopted", files=len(adopted), finished=finished)
+
     def _start_job(self, claim: Claim, submit: bool = True) -> Job:
         job = Job(claim=claim, input=self.cfg.paths.inbox / claim.rel, ready_at=time.monotonic())
         self._counters.started()
@@ -254,6 +409,10 @@ class Daemon:
 
     def _job_finished(self, job: Job) -> None:
         self._work.release_dirs(job.claim)
+        if job.error is None:
+            self._service.file_done()
+        else:
+            self._service.file_failed(job.input, job.stage, job.error)
 
 
 def describe_startup_failure(exc: BaseException) -> str:

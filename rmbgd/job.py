@@ -19,6 +19,11 @@ class Job:
     image: Any = None               # DecodedImage once decoded
     mask: Any = None                # (h, w) uint8 once inferred
     batch: Optional[int] = None
+    data: Optional[bytes] = None    # the encoded output, kept until it is safely published
+    size: tuple = (0, 0)            # (width, height), kept after the pixels are released
+    attempts: int = 0               # publish/reject retries after environment errors
+    stage: Optional[str] = None     # set when the job failed: where,
+    error: Optional[str] = None     # and why
     ms: Dict[str, float] = field(default_factory=dict)
 
     def release_image(self) -> None:

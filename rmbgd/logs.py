@@ -3,13 +3,25 @@
 structlog events and everything third-party libraries send through the stdlib `logging`
 module or `warnings` end up in the same stream with the same fields, so an operator never has
 to parse two formats.
+
+Under systemd, stdout is a journal stream and each line gets its syslog priority as a `<N>`
+prefix, which journald strips and files as PRIORITY=, so `journalctl -p err` selects errors
+while `journalctl -o cat` still shows the bare JSON.
+
+`logging.file` keeps a copy in a file through a WatchedFileHandler: before each line it checks
+that the path still names the file it has open, so logrotate's rename-and-create (or a plain
+`rm`) is followed without any signal; `reopen()` forces it for those who prefer a postrotate
+`systemctl reload`. copytruncate works too, since the file is opened for appending.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 import threading
+from pathlib import Path
 from typing import IO, Optional
 
 import structlog
@@ -32,21 +44,126 @@ def _add_origin(logger: logging.Logger, method: str, event_dict: dict) -> dict:
     return event_dict
 
 
-def configure(level: str = "info", stream: Optional[IO[str]] = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*_SHARED, _add_origin],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(sort_keys=False, default=str),
-            ],
-        )
+def journal_priority(levelno: int) -> int:
+    """The syslog priority journald files a line under (sd-daemon(3): `<3>` is an error)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def is_journal_stream(stream: IO[str], environ: Optional[dict] = None) -> bool:
+    """Whether `stream` is the journal connection systemd announced in $JOURNAL_STREAM.
+
+    The variable is inherited by children whose stdout was redirected elsewhere (a pipe, a
+    file), so only a matching device and inode count; those would keep a stray `<6>`.
+    """
+    env = os.environ if environ is None else environ
+    announced = env.get("JOURNAL_STREAM", "")
+    dev, sep, ino = announced.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        return st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (AttributeError, OSError, ValueError):
+        # No file descriptor (a StringIO in tests) or a malformed variable: not the journal.
+        return False
+
+
+class _JournalHandler(logging.StreamHandler):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{journal_priority(record.levelno)}>{super().format(record)}"
+
+
+def _json_formatter() -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_SHARED, _add_origin],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False, default=str),
+        ],
     )
+
+
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """A watched log file whose write errors are reported once, as JSON on stdout.
+
+    The stdlib default prints a traceback to stderr for every failing line, which under
+    systemd lands in the journal between the JSON lines.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(os.fspath(path), encoding="utf-8")
+        self.setFormatter(_json_formatter())
+        self._reported = False
+        self._failed_now = False
+        self._retired = False
+
+    def retire(self) -> None:
+        # A thread that picked this handler up just before set_file() swapped it out must
+        # not reopen the file (and leak the descriptor) after it was closed.
+        self._retired = True
+        self.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._retired:
+            return
+        self._failed_now = False
+        try:
+            super().emit(record)
+        except Exception:
+            # Reopening after a rotation happens outside the stdlib's own error handling, and
+            # an exception here would surface in whatever code called log.info().
+            self.handleError(record)
+        if not self._failed_now:
+            self._reported = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if self._reported:
+            return
+        # Set first: the line below comes back through this handler and fails again.
+        self._reported = True
+        error = sys.exc_info()[1]
+        get_logger().error(
+            "log_file_failed",
+            file=self.baseFilename,
+            error=f"{type(error).__name__}: {error}" if error else "unknown error",
+            note="lines are missing from the file until it can be written again",
+        )
+
+
+# The handler of `logging.file`, swapped as a whole by set_file()/reopen().
+_file_handler: Optional[_LogFile] = None
+_file_lock = threading.Lock()
+
+
+def configure(
+    level: str = "info", stream: Optional[IO[str]] = None, file: Optional[Path] = None
+) -> None:
+    """Route everything to `stream` (stdout) as JSON lines, and to `file` when given.
+
+    Raises OSError when `file` cannot be opened; stdout logging is set up before that, so
+    the caller can still log why.
+    """
+    global _file_handler
+    out = stream or sys.stdout
+    handler = _JournalHandler(out) if is_journal_stream(out) else logging.StreamHandler(out)
+    handler.setFormatter(_json_formatter())
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    with _file_lock:
+        for old in list(root.handlers):
+            root.removeHandler(old)
+            if old is _file_handler:
+                old.retire()
+        _file_handler = None
     root.addHandler(handler)
     # Third-party chatter only from WARNING up; rmbgd's own events at the configured level.
     root.setLevel(logging.WARNING)
@@ -60,6 +177,46 @@ def configure(level: str = "info", stream: Optional[IO[str]] = None) -> None:
     )
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_crash
+    if file is not None:
+        set_file(file)
+
+
+def set_file(path: Optional[Path]) -> None:
+    """Log to `path` from now on (None: stop logging to a file), e.g. after a reload.
+
+    The new file is opened before the old one is let go, so on an OSError (missing folder
+    permissions, a full disk) the previous file stays in use and the caller can say why.
+    """
+    global _file_handler
+    root = logging.getLogger()
+    with _file_lock:
+        new = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            new = _LogFile(Path(path))
+        old, _file_handler = _file_handler, new
+        # One assignment, so a line logged meanwhile by another thread goes to exactly one
+        # of the two files, never to both or neither.
+        root.handlers = [h for h in root.handlers if h is not old] + ([new] if new else [])
+        if old is not None:
+            old.retire()
+
+
+def log_file() -> Optional[Path]:
+    """The file currently logged to, if any."""
+    handler = _file_handler
+    return Path(handler.baseFilename) if handler is not None else None
+
+
+def reopen() -> None:
+    """Open `logging.file` afresh; harmless when there is none. The daemon calls it on SIGHUP.
+
+    The watched handler has already followed a rotation by itself; this only makes the
+    usual logrotate `postrotate systemctl reload rmbgd` do what operators expect of it.
+    """
+    current = log_file()
+    if current is not None:
+        set_file(current)
 
 
 def set_level(level: str) -> None:

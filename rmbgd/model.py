@@ -3,48 +3,70 @@
 This is the only module that imports torch and transformers; the rest of rmbgd
 imports it lazily so that the command line stays quick to start.
 
-The model contract is BiRefNet's: RGB resized to ``input_size`` squared (by the
-caller), ImageNet normalisation, a list of logit maps of shape (B, 1, S, S) out,
-the last one being the final prediction.
+The model contract is BiRefNet's: RGB at the model's input size, ImageNet
+normalisation, a list of logit maps of shape (B, 1, H, W) out, the last one
+being the final prediction. On the CPU the caller resizes images to the input
+size (in the decode pool); on a GPU the segmenter can also take them at any size
+and resize them on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import logging
 import os
 import re
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.hub import ModelLoadError, locate_model, missing_packages_hint
+from rmbgd.sizing import dynamic_input_size
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ModelLoadError",
+    "Segmenter",
+    "configure_backends",
+    "cpu_threads",
+    "dtype_for_device",
+    "is_out_of_memory",
+    "load_segmenter",
+    "resolve_device",
+    "resolve_dtype",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Long enough for a slow but working link to answer a HEAD request, short enough
-# that a daemon on an offline machine reports the problem at once instead of
-# sitting through huggingface_hub's retry back-off (about 23 s here).
-HUB_PROBE_TIMEOUT_S = 5.0
+# The warm-up image side for dynamic input sizes: BiRefNet's training size, so the
+# warm-up costs what a typical photo costs.
+DYNAMIC_WARMUP_SIDE = 1024
+
+LOADER_FROM_PRETRAINED = "from_pretrained"
+LOADER_LEGACY = "legacy"
 
 _DEVICE_RE = re.compile(r"cuda(?::(\d+))?")
 _MISSING_PACKAGES_RE = re.compile(r"not found in your environment: (.+?)\. Run")
+_DTYPES = ("float16", "bfloat16", "float32")
+# What older remote code (BiRefNet before 2025, RMBG-2.0) trips over in
+# transformers 5's from_pretrained: a plain object as self.config, .item() on
+# tensors built on the meta device, and no post_init().
+_LEGACY_MESSAGE_RE = re.compile(r"\bmeta\b", re.IGNORECASE)
 
 _stdlib_log = logging.getLogger(__name__)
 
 
-class ModelLoadError(Exception):
-    """One line, for the operator; printed without traceback by the CLI.
-
-    Always names the config key to change, e.g. ``model.name: ...``.
-    """
-
-
-# --------------------------------------------------------------------------- device
+# --------------------------------------------------------------------------- device and precision
 
 
 def resolve_device(spec: str) -> str:
@@ -72,18 +94,68 @@ def resolve_device(spec: str) -> str:
 
 
 def dtype_for_device(device: str) -> str:
-    """The compute dtype for a resolved device: half precision on GPUs, full on CPU.
+    """The compute dtype ``auto`` means on a resolved device: half precision on GPUs, full on CPU.
 
     CPUs have no fast fp16 convolutions, and BiRefNet is accurate enough in fp16.
     """
     return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
+def resolve_dtype(spec: str, device: str) -> str:
+    """Turn ``model.dtype`` into a torch dtype name for the resolved device."""
+    wanted = spec.strip().lower()
+    if wanted == "auto":
+        return dtype_for_device(device)
+    if wanted not in _DTYPES:
+        raise ModelLoadError(
+            f"model.dtype: expected auto, float16, bfloat16 or float32, got {spec!r}"
+        )
+    return wanted
+
+
+def cpu_threads(available: int) -> int:
+    """Threads for the model on a CPU-only host with ``available`` cores.
+
+    A quarter of the cores (none on 2 or 3) is left to the decode and encode pools:
+    the model is by far the slowest stage, but starving decoding would leave it
+    waiting for input between batches.
+    """
+    return max(1, available - available // 4)
+
+
+def _configure_cpu_threads() -> Optional[int]:
+    # An operator's OMP_NUM_THREADS (read by torch at start-up) always wins.
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity off Linux
+        available = os.cpu_count() or 1
+    threads = cpu_threads(available)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the GPU running out of memory (as torch raises it, in any version)."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+
+
 # --------------------------------------------------------------------------- inference
 
 
 class Segmenter:
-    """A loaded model on its device, turning resized RGB images into alpha masks."""
+    """A loaded model on its device, turning RGB images into alpha masks.
+
+    ``input_size`` is the side of the square the model sees, or ``"dynamic"``:
+    each batch then runs at its own size (all images of one batch share it).
+    ``dtype`` is the compute precision: the weights' dtype, or, after a warm-up
+    showed that the model cannot run with weights in that dtype, float32 weights
+    under autocast to it (``precision`` says which).
+    """
 
     def __init__(
         self,
@@ -92,59 +164,83 @@ class Segmenter:
         name: str,
         device: str,
         dtype: str,
-        input_size: int,
+        input_size: int | str,
+        max_input_size: int = 2048,
+        compiled: Any = None,
+        resize_on_device: Optional[bool] = None,
+        loader: str = LOADER_FROM_PRETRAINED,
+        log: Any = None,
     ) -> None:
         self.name = name
         self.device = device
         self.dtype = dtype
         self.input_size = input_size
+        self.max_input_size = max_input_size
+        self.loader = loader
+        self.precision = "weights"
         self._model = model
-        self._torch_dtype = getattr(torch, dtype)
+        self._compiled = compiled
+        self._log = log
         self._on_cuda = torch.device(device).type == "cuda"
+        # On a GPU, resampling there costs nothing next to the model and spares the decode
+        # pool's cores; on the CPU the decoder's Pillow resize stays the only one, so CPU
+        # outputs do not depend on this.
+        self.resizes_on_device = self._on_cuda if resize_on_device is None else resize_on_device
+        self._compute_dtype = getattr(torch, dtype)
+        self._autocast_dtype: Optional[torch.dtype] = None
+        self._set_input_dtype(self._compute_dtype)
+
+    def _set_input_dtype(self, input_dtype: torch.dtype) -> None:
+        self._input_dtype = input_dtype
         # (x / 255 - mean) / std folded into one multiply-add per pixel.
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        self._scale = (1.0 / (255.0 * std)).to(device=device, dtype=self._torch_dtype)
-        self._shift = (-mean / std).to(device=device, dtype=self._torch_dtype)
+        self._scale = (1.0 / (255.0 * std)).to(device=self.device, dtype=input_dtype)
+        self._shift = (-mean / std).to(device=self.device, dtype=input_dtype)
+
+    # -- predicting -------------------------------------------------------------------------
+    def model_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image of this size is run at."""
+        if self.input_size == DYNAMIC:
+            return dynamic_input_size(width, height, self.max_input_size)
+        return (int(self.input_size), int(self.input_size))
 
     def predict(
-        self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]
+        self,
+        images: Sequence[np.ndarray],
+        sizes: Sequence[tuple[int, int]],
+        model_size: Optional[tuple[int, int]] = None,
     ) -> list[np.ndarray]:
         """One model call for the whole batch; returns one (height, width) uint8 mask per image.
 
-        ``images`` are (S, S, 3) uint8 RGB, already resized to ``input_size``;
-        ``sizes`` are the (width, height) of the originals.
+        ``images`` are (H, W, 3) uint8 RGB at the batch's model size (width, height):
+        ``model_size`` if given, else ``input_size`` squared, or for dynamic input
+        sizes the first image's size. A segmenter that resizes on the device also
+        takes images at any other size. ``sizes`` are the (width, height) of the
+        originals, which the masks are scaled back to.
         """
         if len(images) != len(sizes):
             raise ValueError(f"got {len(images)} images but {len(sizes)} sizes")
         if not images:
             return []
-        side = self.input_size
+        height, width = self._target(images, model_size)
         for index, image in enumerate(images):
-            if image.shape != (side, side, 3) or image.dtype != np.uint8:
+            right_size = image.shape[:2] == (height, width) or self.resizes_on_device
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or not right_size:
                 raise ValueError(
-                    f"image {index}: expected a ({side}, {side}, 3) uint8 array, "
+                    f"image {index}: expected a ({height}, {width}, 3) uint8 array, "
                     f"got {image.shape} {image.dtype}"
                 )
-        shapes = [(int(height), int(width)) for width, height in sizes]
-        for index, (height, width) in enumerate(shapes):
-            if height <= 0 or width <= 0:
-                raise ValueError(f"image {index}: invalid original size {width}x{height}")
-
-        # Filled in place so the batch is copied once, straight into pinned memory
-        # on CUDA, which is what lets the upload below run asynchronously.
-        host = torch.empty((len(images), side, side, 3), dtype=torch.uint8, pin_memory=self._on_cuda)
-        host_view = host.numpy()
-        for index, image in enumerate(images):
-            host_view[index] = image
+        shapes = [(int(h), int(w)) for w, h in sizes]
+        for index, (h, w) in enumerate(shapes):
+            if h <= 0 or w <= 0:
+                raise ValueError(f"image {index}: invalid original size {w}x{h}")
 
         with torch.inference_mode():
-            batch = host.to(self.device, non_blocking=self._on_cuda)
-            pixels = batch.permute(0, 3, 1, 2).to(
-                dtype=self._torch_dtype, memory_format=torch.contiguous_format
-            )
-            pixels.mul_(self._scale).add_(self._shift)
-            logits = _final_logits(self._model(pixels), len(images))
+            pixels = self._upload(images, height, width)
+            with self._autocast():
+                output = (self._compiled or self._model)(pixels)
+            logits = _final_logits(output, len(images))
             # Sigmoid and resampling in fp32: cheap next to the model, and fp16
             # would cost a grey level near the top of the range.
             probs = logits.float().sigmoid()
@@ -160,19 +256,151 @@ class Segmenter:
 
         masks = []
         offset = 0
-        for height, width in shapes:
-            masks.append(packed_host[offset : offset + height * width].reshape(height, width))
-            offset += height * width
+        for h, w in shapes:
+            masks.append(packed_host[offset : offset + h * w].reshape(h, w))
+            offset += h * w
         return masks
 
+    def _target(
+        self, images: Sequence[np.ndarray], model_size: Optional[tuple[int, int]]
+    ) -> tuple[int, int]:
+        if self.input_size != DYNAMIC:
+            side = int(self.input_size)
+            if model_size is not None and tuple(model_size) != (side, side):
+                raise ValueError(f"model size {model_size} differs from the input size {side}")
+            return side, side
+        if model_size is not None:
+            width, height = (int(v) for v in model_size)
+        else:
+            height, width = (int(v) for v in images[0].shape[:2])
+        if width <= 0 or height <= 0 or width % 32 or height % 32:
+            raise ValueError(f"dynamic model size must be multiples of 32, got {width}x{height}")
+        return height, width
+
+    def _upload(self, images: Sequence[np.ndarray], height: int, width: int) -> torch.Tensor:
+        """The normalised (B, 3, H, W) batch on the device, in the model's input dtype."""
+        count = len(images)
+        if all(image.shape[:2] == (height, width) for image in images):
+            # Filled in place so the batch is copied once, straight into pinned memory
+            # on CUDA, which is what lets the upload run asynchronously.
+            host = torch.empty((count, height, width, 3), dtype=torch.uint8, pin_memory=self._on_cuda)
+            host_view = host.numpy()
+            for index, image in enumerate(images):
+                host_view[index] = image
+            batch = host.to(self.device, non_blocking=self._on_cuda)
+            pixels = batch.permute(0, 3, 1, 2).to(
+                dtype=self._input_dtype, memory_format=torch.contiguous_format
+            )
+        else:
+            pixels = torch.empty((count, 3, height, width), dtype=self._input_dtype, device=self.device)
+            for index, image in enumerate(images):
+                pixels[index] = self._resized_on_device(image, height, width)[0]
+        return pixels.mul_(self._scale).add_(self._shift)
+
+    def _resized_on_device(self, image: np.ndarray, height: int, width: int) -> torch.Tensor:
+        host = torch.empty(image.shape, dtype=torch.uint8, pin_memory=self._on_cuda)
+        host.numpy()[...] = image
+        full = host.to(self.device, non_blocking=self._on_cuda).permute(2, 0, 1).unsqueeze(0).float()
+        if full.shape[2:] != (height, width):
+            # Antialiased bilinear, like the decoder's Pillow resize, so the model sees
+            # the same kind of image whichever side resized it.
+            full = F.interpolate(
+                full, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            )
+        return full.to(self._input_dtype)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=self._autocast_dtype)
+
+    # -- warming up -------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Run one tiny batch so that lazy initialisation does not land on the first real one."""
-        side = self.input_size
-        self.predict([np.zeros((side, side, 3), dtype=np.uint8)], [(side, side)])
+        """Run the model once before the daemon says ``ready``, settling how it runs.
+
+        Lazy initialisation (CUDA kernels, cuDNN's algorithm search, torch.compile)
+        happens here rather than on the first real batch. A compiled model that fails
+        falls back to the plain one; weights in half precision that fail fall back to
+        float32 weights under autocast (BiRefNet's deformable convolution has no
+        bfloat16 kernel). What still fails is a one-line ModelLoadError.
+        """
+        side = self._warmup_side()
+        first_error: Optional[str] = None
+        while True:
+            error = self._warmup_error(side)
+            if error is None:
+                return
+            description, out_of_memory = error
+            if out_of_memory:
+                raise ModelLoadError(
+                    f"model.device: out of GPU memory on {self.device} running one {side}x{side} "
+                    f"image through '{self.name}'; free the GPU, lower model.input_size "
+                    "(or model.max_input_size) or pick a smaller model"
+                )
+            if self._compiled is not None:
+                self._emit("warning", "model_compile_failed", error=description, fallback="eager")
+                self._compiled = None
+                continue
+            if self.precision == "weights" and self._compute_dtype != torch.float32:
+                if not isinstance(self._model, torch.nn.Module):
+                    raise self._warmup_failed(description)
+                first_error = description
+                self._emit(
+                    "warning",
+                    "model_precision_fallback",
+                    dtype=self.dtype,
+                    error=description,
+                    fallback=f"float32 weights under {self.dtype} autocast",
+                )
+                self._use_autocast()
+                continue
+            if first_error is not None and first_error != description:
+                raise ModelLoadError(
+                    f"model.dtype: {self.dtype} does not work with '{self.name}' on {self.device}: "
+                    f"{first_error}; float32 weights under {self.dtype} autocast failed too: "
+                    f"{description}; set model.dtype: float32"
+                )
+            raise self._warmup_failed(description)
+
+    def _warmup_side(self) -> int:
+        if self.input_size == DYNAMIC:
+            return min(DYNAMIC_WARMUP_SIDE, self.max_input_size)
+        return int(self.input_size)
+
+    def _warmup_error(self, side: int) -> Optional[tuple[str, bool]]:
+        # A compiled model is warmed up with two batch sizes, so that the batch
+        # dimension is compiled as dynamic now rather than on a later real batch.
+        counts = (1, 2) if self._compiled is not None else (1,)
+        try:
+            for count in counts:
+                image = np.zeros((side, side, 3), dtype=np.uint8)
+                self.predict([image] * count, [(side, side)] * count)
+        except Exception as exc:  # noqa: BLE001
+            # The model-loading boundary: the model's own code can raise anything.
+            return _describe(exc), is_out_of_memory(exc)
+        return None
+
+    def _use_autocast(self) -> None:
+        self._model.float()
+        self._autocast_dtype = self._compute_dtype
+        self.precision = "autocast"
+        self._set_input_dtype(torch.float32)
+
+    def _warmup_failed(self, description: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"model.name: '{self.name}' fails on a test image on {self.device} "
+            f"({self.dtype}): {description}"
+        )
+
+    def _emit(self, level: str, event: str, **fields: Any) -> None:
+        if self._log is None:
+            _stdlib_log.log(logging.getLevelName(level.upper()), "%s %s", event, fields)
+            return
+        getattr(self._log, level, self._log.info)(event, **fields)
 
 
 def _final_logits(output: Any, batch_size: int) -> torch.Tensor:
-    """The final (B, 1, S, S) logit map out of whatever the model's forward returned."""
+    """The final (B, 1, H, W) logit map out of whatever the model's forward returned."""
     if isinstance(output, torch.Tensor):
         logits = output
     elif isinstance(output, (list, tuple)) and output and isinstance(output[-1], torch.Tensor):
@@ -198,15 +426,17 @@ def _final_logits(output: Any, batch_size: int) -> torch.Tensor:
 def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
     """Load ``cfg.name`` onto ``cfg.device``; every failure is a one-line ModelLoadError."""
     device = resolve_device(cfg.device)
-    dtype = dtype_for_device(device)
+    dtype = resolve_dtype(getattr(cfg, "dtype", "auto"), device)
+    input_size = getattr(cfg, "input_size", 1024)
     name = cfg.name
-    if log is not None:
-        log.info("model_loading", name=name, device=device, dtype=dtype)
+    on_cuda = torch.device(device).type == "cuda"
+    threads = None if on_cuda else _configure_cpu_threads()
+    _log_info(log, "model_loading", name=name, device=device, dtype=dtype)
     started = time.perf_counter()
 
     _quiet_library_output()
-    source, local_files_only = _locate_model(cfg, log)
-    model = _from_pretrained(cfg, source, local_files_only, getattr(torch, dtype), log)
+    source, local_files_only = locate_model(cfg, log)
+    model, loader = _load_model(cfg, source, local_files_only, getattr(torch, dtype), log)
     try:
         model = model.to(device).eval()
     except torch.cuda.OutOfMemoryError as exc:
@@ -217,11 +447,44 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
         raise ModelLoadError(
             f"model.device: cannot move '{name}' to {device}: {_first_line(exc)}"
         ) from exc
+    configure_backends(device, input_size)
+    compiled = _compile(model, log) if getattr(cfg, "compile", False) else None
 
-    ms = round((time.perf_counter() - started) * 1000.0, 1)
-    if log is not None:
-        log.info("model_loaded", name=name, device=device, dtype=dtype, ms=ms)
-    return Segmenter(model, name=name, device=device, dtype=dtype, input_size=cfg.input_size)
+    fields: dict[str, Any] = {"name": name, "device": device, "dtype": dtype, "loader": loader}
+    if threads is not None:
+        fields["threads"] = threads
+    if compiled is not None:
+        fields["compiled"] = True
+    fields["ms"] = round((time.perf_counter() - started) * 1000.0, 1)
+    _log_info(log, "model_loaded", **fields)
+    return Segmenter(
+        model,
+        name=name,
+        device=device,
+        dtype=dtype,
+        input_size=input_size,
+        max_input_size=getattr(cfg, "max_input_size", 2048),
+        compiled=compiled,
+        loader=loader,
+        log=log,
+    )
+
+
+def configure_backends(device: str, input_size: int | str) -> None:
+    """Process-wide torch settings for running the model on ``device``."""
+    if torch.device(device).type == "cuda" and input_size != DYNAMIC:
+        # With one input size, cuDNN's search for the fastest kernels pays off after
+        # a handful of batches; with dynamic sizes it would search again for each size.
+        torch.backends.cudnn.benchmark = True
+
+
+def _compile(model: Any, log: Any) -> Any:
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # noqa: BLE001
+        # The model-loading boundary: compiling is an optimisation, never a reason not to start.
+        _log_warning_event(log, "model_compile_failed", error=_describe(exc), fallback="eager")
+        return None
 
 
 def _quiet_library_output() -> None:
@@ -246,169 +509,175 @@ def _quiet_library_output() -> None:
             hub_logger.removeHandler(handler)
 
 
-def _locate_model(cfg: Any, log: Any) -> tuple[str, bool]:
-    """Check ``model.name`` before transformers sees it.
-
-    Returns what to pass to ``from_pretrained`` and whether it must stay off the
-    network (``local_files_only``).
-    """
-    name = cfg.name
-    if _is_local_path(name):
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise ModelLoadError(
-                f"model.name: {name} is not a model directory (no config.json): the path does not exist"
-            )
-        if not path.is_dir():
-            raise ModelLoadError(
-                f"model.name: {name} is not a model directory (no config.json): it is a file"
-            )
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model.name: {name} is not a model directory (no config.json)")
-        # A local model needs nothing from the hub; staying offline means a
-        # broken network can never stall loading it.
-        return str(path), True
-
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError as exc:
-        raise ModelLoadError(
-            f"model.name: {name!r} is neither an existing local directory nor a valid "
-            "Hugging Face model id (owner/name)"
-        ) from exc
-    return name, _hub_needs_cache(cfg, log)
-
-
-def _is_local_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else that looks like a path
-    # is one, so a mistyped directory gets a directory error, not a hub error.
-    return (
-        os.path.exists(name)
-        or os.path.isabs(name)
-        or name.startswith(("./", "../", "~"))
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
-    )
-
-
-def _hub_needs_cache(cfg: Any, log: Any) -> bool:
-    """Probe the hub for ``cfg.name`` quickly; True when loading must use the local cache only.
-
-    transformers would otherwise find out about a missing network through
-    huggingface_hub's retry loop, whose back-off has no setting: 1+2+4+8+8 s
-    before it gives up. The probe is one HEAD request without retries.
-    """
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    name = cfg.name
-    revision = getattr(cfg, "revision", None)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; the environment is
-    # read again so that the variable is honoured whenever it was set.
-    offline = (
-        huggingface_hub.is_offline_mode()
-        or _env_flag("HF_HUB_OFFLINE")
-        or _env_flag("TRANSFORMERS_OFFLINE")
-    )
-    if not offline:
-        url = huggingface_hub.hf_hub_url(name, "config.json", revision=revision)
-        try:
-            huggingface_hub.get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S)
-        except errors.GatedRepoError as exc:
-            raise ModelLoadError(
-                f"model.name: '{name}' is gated on the Hugging Face hub: accept its terms on "
-                "huggingface.co, then log in on this machine with `hf auth login`"
-            ) from exc
-        except errors.RepositoryNotFoundError as exc:
-            raise ModelLoadError(
-                f"model.name: '{name}' was not found on the Hugging Face hub (check the spelling; "
-                "a private model also needs `hf auth login`)"
-            ) from exc
-        except errors.RevisionNotFoundError as exc:
-            raise ModelLoadError(
-                f"model.revision: {revision!r} does not exist in '{name}' on the Hugging Face hub"
-            ) from exc
-        except errors.RemoteEntryNotFoundError as exc:
-            raise ModelLoadError(
-                f"model.name: '{name}' on the Hugging Face hub has no config.json; "
-                "it is not a transformers model"
-            ) from exc
-        except errors.HfHubHTTPError as exc:
-            # Server errors, rate limits, a proxy refusing: the cache may still do.
-            _log_info(log, "model_hub_unreachable", name=name, error=_first_line(exc))
-        except Exception as exc:  # noqa: BLE001
-            # DNS, refused connections, TLS and timeouts surface as the HTTP
-            # client's own exception types, which huggingface_hub does not
-            # re-export; any of them means "the hub is out of reach".
-            _log_info(
-                log, "model_hub_unreachable", name=name, error=f"{type(exc).__name__}: {_first_line(exc)}"
-            )
-        else:
-            return False
-
-    cached = huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision)
-    if isinstance(cached, str):
-        return True
-    why = "HF_HUB_OFFLINE is set" if offline else "no network access?"
-    example = name.rstrip("/").split("/")[-1]
-    raise ModelLoadError(
-        f"model.name: cannot download '{name}' from the Hugging Face hub ({why}); on an offline "
-        "machine, copy the model folder there and set model.name to that local directory, "
-        f"e.g. model.name: /srv/rmbgd/models/{example}"
-    )
-
-
-def _from_pretrained(
+def _load_model(
     cfg: Any, source: str, local_files_only: bool, torch_dtype: torch.dtype, log: Any
-) -> Any:
-    from transformers import AutoModelForImageSegmentation
-
+) -> tuple[Any, str]:
+    """The model in ``torch_dtype`` on the CPU, and which loader produced it."""
     name = cfg.name
-    kwargs: dict[str, Any] = {
-        "trust_remote_code": cfg.trust_remote_code,
-        "revision": getattr(cfg, "revision", None),
-        # Explicit: transformers 5 defaults to dtype="auto", which would keep an
-        # fp16 checkpoint in fp16 on CPU.
-        "dtype": torch_dtype,
-    }
+    hub_kwargs: dict[str, Any] = {"revision": getattr(cfg, "revision", None)}
     if local_files_only:
-        kwargs["local_files_only"] = True
+        hub_kwargs["local_files_only"] = True
 
     caught: list[warnings.WarningMessage] = []
+    legacy_reason: Optional[str] = None
     try:
         # Remote model code may call warnings.warn, which writes to stderr;
         # the warnings are logged instead, after loading.
         with warnings.catch_warnings(record=True) as caught:
-            return AutoModelForImageSegmentation.from_pretrained(source, **kwargs)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelLoadError(
-                f"model.trust_remote_code: '{name}' needs its own Python code to run; "
-                "set model.trust_remote_code: true if you trust that code"
-            ) from exc
-        raise _cannot_load(name, exc) from exc
-    except ImportError as exc:
-        missing = _missing_packages(exc)
-        if not missing:
-            raise _cannot_load(name, exc) from exc
-        if len(missing) == 1:
-            what = f"the Python package '{missing[0]}', which is not installed"
-        else:
-            listed = ", ".join(f"'{package}'" for package in missing)
-            what = f"the Python packages {listed}, which are not installed"
-        raise ModelLoadError(
-            f"model.name: the model's code needs {what}: pip install {' '.join(missing)}"
-        ) from exc
-    except Exception as exc:  # noqa: BLE001
-        # The model-loading boundary: remote model code can raise anything, and
-        # the operator must get one line naming the key, never a traceback.
-        raise _cannot_load(name, exc) from exc
+            try:
+                return _from_pretrained(cfg, source, hub_kwargs, torch_dtype), LOADER_FROM_PRETRAINED
+            except Exception as exc:  # noqa: BLE001
+                # The model-loading boundary: remote model code can raise anything.
+                legacy_reason = _legacy_reason(exc)
+                if legacy_reason is None:
+                    raise _load_error(cfg, exc) from exc
+            _log_info(log, "model_legacy_fallback", name=name, reason=legacy_reason)
+            try:
+                return _load_legacy(cfg, source, hub_kwargs, torch_dtype), LOADER_LEGACY
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                error = _load_error(cfg, exc)
+                raise ModelLoadError(
+                    f"{error}; from_pretrained had failed with {legacy_reason} "
+                    "(the loader for older model code was tried because of that)"
+                ) from exc
     finally:
         for warning in caught:
             _log_warning(log, warning)
+
+
+def _from_pretrained(cfg: Any, source: str, hub_kwargs: dict, torch_dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForImageSegmentation
+
+    return AutoModelForImageSegmentation.from_pretrained(
+        source,
+        trust_remote_code=cfg.trust_remote_code,
+        # Explicit: transformers 5 defaults to dtype="auto", which would keep an
+        # fp16 checkpoint in fp16 on CPU.
+        dtype=torch_dtype,
+        **hub_kwargs,
+    )
+
+
+def _legacy_reason(exc: BaseException) -> Optional[str]:
+    """Why ``exc`` looks like older remote code meeting transformers 5, or None."""
+    if isinstance(exc, AttributeError):
+        # self.config replaced by a plain object ('model_type', 'get_text_config', ...)
+        # or post_init() never called ('all_tied_weights_keys').
+        return _describe(exc)
+    if isinstance(exc, (RuntimeError, NotImplementedError)) and _LEGACY_MESSAGE_RE.search(str(exc)):
+        # .item() (or another data access) on a tensor built on the meta device.
+        return _describe(exc)
+    return None
+
+
+def _load_legacy(cfg: Any, source: str, hub_kwargs: dict, torch_dtype: torch.dtype) -> Any:
+    """Build the model class from config.json's auto_map, construct it, load its weights strictly.
+
+    The path transformers 4 took: the model is constructed for real (on the CPU,
+    not on the meta device), so its __init__ may do what it likes, and the weights
+    are copied in with ``load_state_dict``.
+    """
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    name = cfg.name
+    config = AutoConfig.from_pretrained(
+        source, trust_remote_code=cfg.trust_remote_code, **hub_kwargs
+    )
+    auto_map = getattr(config, "auto_map", None) or {}
+    reference = auto_map.get("AutoModelForImageSegmentation")
+    if isinstance(reference, (list, tuple)):
+        reference = reference[0] if reference else None
+    if not reference:
+        raise ModelLoadError(
+            f"model.name: cannot load '{name}': its config.json has no auto_map entry for "
+            "AutoModelForImageSegmentation"
+        )
+    model_class = get_class_from_dynamic_module(reference, source, **hub_kwargs)
+    # BiRefNet's signature is (bb_pretrained=True, config=...): the config goes by name
+    # where the class takes one by that name.
+    if "config" in inspect.signature(model_class.__init__).parameters:
+        model = model_class(config=config)
+    else:
+        model = model_class(config)
+    state = _read_safetensors(name, source, hub_kwargs)
+    _load_state_strictly(name, model, state)
+    return model.to(torch_dtype)
+
+
+def _read_safetensors(name: str, source: str, hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    def locate(filename: str) -> Optional[str]:
+        return cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+    index = locate("model.safetensors.index.json")
+    if index is not None:
+        with open(index, encoding="utf-8") as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = locate(shard)
+        if path is None:
+            raise ModelLoadError(
+                f"model.name: cannot load '{name}': {shard} is missing (older model code is "
+                "loaded from safetensors weights only)"
+            )
+        state.update(load_file(path))
+    return state
+
+
+def _load_state_strictly(name: str, model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Every parameter must come from the checkpoint and every tensor in it must be used.
+
+    Buffers the checkpoint lacks are allowed: they are computed by the model's own
+    __init__ (index tables and the like), not learned.
+    """
+    result = model.load_state_dict(state, strict=False)
+    buffers = {key for key, _ in model.named_buffers()}
+    missing = [key for key in result.missing_keys if key not in buffers]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the checkpoint ({_some(missing)})")
+    if result.unexpected_keys:
+        problems.append(
+            f"{len(result.unexpected_keys)} unexpected tensor(s) in the checkpoint "
+            f"({_some(result.unexpected_keys)})"
+        )
+    if problems:
+        raise ModelLoadError(
+            f"model.name: cannot load '{name}': its weights do not match its code: "
+            + "; ".join(problems)
+        )
+
+
+def _load_error(cfg: Any, exc: BaseException) -> ModelLoadError:
+    """The one line for a loading failure, naming the key (or the package) to fix."""
+    name = cfg.name
+    if isinstance(exc, ModelLoadError):
+        return exc
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return ModelLoadError(
+            f"model.trust_remote_code: '{name}' needs its own Python code to run; "
+            "set model.trust_remote_code: true if you trust that code"
+        )
+    if isinstance(exc, ImportError):
+        missing = _missing_packages(exc)
+        if missing:
+            if len(missing) == 1:
+                what = f"the Python package '{missing[0]}', which is not installed"
+            else:
+                listed = ", ".join(f"'{package}'" for package in missing)
+                what = f"the Python packages {listed}, which are not installed"
+            return ModelLoadError(
+                f"model.name: the model's code needs {what}: {missing_packages_hint(missing)}"
+            )
+    return ModelLoadError(f"model.name: cannot load '{name}': {_describe(exc)}")
 
 
 def _missing_packages(exc: ImportError) -> list[str]:
@@ -422,8 +691,13 @@ def _missing_packages(exc: ImportError) -> list[str]:
     return []
 
 
-def _cannot_load(name: str, exc: BaseException) -> ModelLoadError:
-    return ModelLoadError(f"model.name: cannot load '{name}': {type(exc).__name__}: {_first_line(exc)}")
+def _some(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(list(keys)[:limit])
+    return shown + (", ..." if len(keys) > limit else "")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _log_warning(log: Any, warning: warnings.WarningMessage) -> None:
@@ -436,9 +710,14 @@ def _log_warning(log: Any, warning: warnings.WarningMessage) -> None:
     emit("model_warning", category=category, message=message)
 
 
+def _log_warning_event(log: Any, event: str, **fields: Any) -> None:
+    if log is None:
+        _stdlib_log.warning("%s %s", event, fields)
+        return
+    getattr(log, "warning", log.info)(event, **fields)
+
+
 def _log_info(log: Any, event: str, **fields: Any) -> None:
-    # Info, not warning: when the cache cannot stand in, the ModelLoadError says
-    # it all, and an unconfigured root logger prints warnings to stderr.
     if log is not None:
         log.info(event, **fields)
     else:
@@ -448,7 +727,3 @@ def _log_info(log: Any, event: str, **fields: Any) -> None:
 def _first_line(value: object) -> str:
     lines = str(value).strip().splitlines()
     return lines[0].strip() if lines else "(no message)"
-
-
-def _env_flag(variable: str) -> bool:
-    return os.environ.get(variable, "").strip().upper() in {"1", "ON", "YES", "TRUE"}

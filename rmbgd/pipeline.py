@@ -4,22 +4,38 @@ Decoding runs in a thread pool as soon as a file is claimed, so the next batch i
 the model works on the current one; the single model thread takes a batch the moment it is
 free (see collector.py); encoding and publishing run in a second pool so the model never
 waits for PNG compression. Pillow and torch release the GIL for their heavy work.
+
+Images in one model call share one input size: the collector batches by it (with
+`model.input_size: dynamic` each image has its own). A batch that runs out of GPU memory is
+split in halves and retried, and the batch size stays lowered for the rest of the run; only
+an image that does not fit on its own fails. Any other model error retries the batch's
+images one by one, so only the image that really fails goes to errors/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from rmbgd.collector import BatchQueue
-from rmbgd.config import Config, effective_workers
+from rmbgd.backoff import retry_delay
+from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_workers
+from rmbgd.fsops import NAME_ERRNOS
 from rmbgd.images import ImageError, combine_alpha, decode_image, encode_png
 from rmbgd.job import Counters, Job, ms_since
 from rmbgd.publisher import Publisher
+from rmbgd.sizing import dynamic_input_size, resize_rgb
+
+# The reason recorded for an image that does not fit in GPU memory even on its own.
+OUT_OF_GPU_MEMORY = "out of GPU memory"
+# With dynamic input sizes the decoder's square model input is not used; the smallest
+# square keeps the cost of making it low.
+_UNUSED_DECODE_SIZE = 32
 
 
 class Pipeline:
@@ -31,8 +47,11 @@ class Pipeline:
         counters: Counters,
         log: Any,
         on_finished: Callable[[Job], None] = lambda job: None,
+        on_batch: Callable[[int, float], None] = lambda size, ms: None,
     ) -> None:
         self._cfg = cfg
+        self._on_batch = on_batch
+        self._busy_since: Optional[float] = None
         self._segmenter = segmenter
         self._publisher = publisher
         self._counters = counters
@@ -42,10 +61,19 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-decode")
         self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-encode")
         self.batches: BatchQueue[Job] = BatchQueue(cfg.batch.size, cfg.batch.max_wait_ms / 1000.0)
+        # Kept from start-up: the loaded model fixes them, whatever a reload says later.
+        self._model_cfg = cfg.model
+        self._dynamic = cfg.model.input_size == DYNAMIC_INPUT_SIZE
+        self._decode_size = _UNUSED_DECODE_SIZE if self._dynamic else int(cfg.model.input_size)
+        self._resize_on_device = bool(getattr(segmenter, "resizes_on_device", False))
+        # The largest batch that fitted in GPU memory, once a larger one did not.
+        self._memory_limit: Optional[int] = None
         self._model_thread = threading.Thread(target=self._model_loop, name="rmbgd-model", daemon=True)
         self._batch_ids = itertools.count(1)
         self._pending_lock = threading.Lock()
         self._pending: Set[Future] = set()
+        self._timers: Set[threading.Timer] = set()
+        self._stopping = False
         self.last_progress = time.monotonic()
 
     # -- control ----------------------------------------------------------------------------
@@ -54,6 +82,17 @@ class Pipeline:
 
     def model_alive(self) -> bool:
         return self._model_thread.is_alive()
+
+    def busy_seconds(self) -> float:
+        """How long the current model call has been running (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def apply(self, cfg: Config) -> None:
+        """Live settings from a reload: batching and output options."""
+        self._cfg = cfg
+        size = cfg.batch.size if self._memory_limit is None else min(cfg.batch.size, self._memory_limit)
+        self.batches.reconfigure(size, cfg.batch.max_wait_ms / 1000.0)
 
     def submit(self, job: Job) -> None:
         self._track(self._decode_pool.submit(self._decode, job))
@@ -66,6 +105,11 @@ class Pipeline:
         """
         self.batches.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        with self._pending_lock:
+            self._stopping = True
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` for the model thread and the pending encodes; True when done."""
@@ -99,11 +143,15 @@ class Pipeline:
     def _decode(self, job: Job) -> None:
         start = time.monotonic()
         try:
-            job.image = decode_image(
+            image = decode_image(
                 job.claim.path,
-                input_size=self._cfg.model.input_size,
+                input_size=self._decode_size,
                 max_pixels=self._cfg.input.max_pixels,
             )
+            size = self._model_size(image.width, image.height)
+            if self._dynamic:
+                image = dataclasses.replace(image, model_input=self._dynamic_input(image.rgb, size))
+            job.image = image
         except ImageError as exc:
             self.fail(job, "decode", str(exc))
             return
@@ -111,34 +159,85 @@ class Pipeline:
             self.fail(job, "decode", _describe(exc), exc_info=True)
             return
         job.ms["decode"] = ms_since(start)
-        self.batches.put(job, ready_at=job.ready_at)
+        # Images in one model call must share one size: the collector batches by it.
+        self.batches.put(job, ready_at=job.ready_at, key=size)
+
+    def _model_size(self, width: int, height: int) -> Tuple[int, int]:
+        """The (width, height) an image is run through the model at."""
+        if self._dynamic:
+            return dynamic_input_size(width, height, self._model_cfg.max_input_size)
+        side = int(self._model_cfg.input_size)
+        return (side, side)
+
+    def _dynamic_input(self, rgb: Any, size: Tuple[int, int]) -> Any:
+        # A segmenter on a GPU resizes there, off the decode pool's cores.
+        if self._resize_on_device:
+            return rgb
+        return resize_rgb(rgb, size)
 
     def _model_loop(self) -> None:
         while True:
             batch = self.batches.get()
             if batch is None:
                 return
-            self._run_batch(batch)
+            self._busy_since = time.monotonic()
+            try:
+                self._run_batch(batch)
+            finally:
+                self._busy_since = None
             self.last_progress = time.monotonic()
 
     def _run_batch(self, batch: List[Job]) -> None:
-        batch_id = next(self._batch_ids)
         started = time.monotonic()
         for job in batch:
-            job.batch = batch_id
             job.ms["wait"] = round((started - job.ready_at) * 1000.0 - job.ms.get("decode", 0.0), 1)
+        self._run_part(batch)
+
+    def _run_part(self, batch: List[Job]) -> None:
+        """One model call for `batch`; on GPU out-of-memory, its halves are tried instead."""
+        batch_id = next(self._batch_ids)
+        started = time.monotonic()
+        self._log.debug("batch_started", batch=batch_id, size=len(batch))
+        for job in batch:
+            job.batch = batch_id
+        failure: Optional[Tuple[str, bool]] = None
         try:
             masks = self._infer(batch)
         except Exception as exc:  # per-batch boundary: find the image that really fails
-            self._log.warning("batch_failed", batch=batch_id, size=len(batch), error=_describe(exc))
-            self._retry_singly(batch)
+            failure = (_describe(exc), _is_out_of_memory(exc))
+        # Retries happen only once the except block is left: until then the exception's
+        # traceback keeps the failed call's frames, and with them its GPU tensors, alive.
+        if failure is None:
+            ms = ms_since(started)
+            self._log.info("batch_done", batch=batch_id, size=len(batch), ms=ms, queued=len(self.batches))
+            self._on_batch(len(batch), ms)
+            for job, mask in zip(batch, masks):
+                job.mask = mask
+                job.ms["infer"] = ms
+                self._track(self._encode_pool.submit(self._encode_and_publish, job))
             return
-        ms = ms_since(started)
-        self._log.info("batch_done", batch=batch_id, size=len(batch), ms=ms, queued=len(self.batches))
-        for job, mask in zip(batch, masks):
-            job.mask = mask
-            job.ms["infer"] = ms
-            self._track(self._encode_pool.submit(self._encode_and_publish, job))
+        error, out_of_memory = failure
+        self._log.warning(
+            "batch_failed", batch=batch_id, size=len(batch), error=error, out_of_memory=out_of_memory
+        )
+        if not out_of_memory:
+            self._retry_singly(batch)
+        elif len(batch) == 1:
+            self.fail(batch[0], "inference", OUT_OF_GPU_MEMORY)
+        else:
+            half = (len(batch) + 1) // 2
+            self._lower_batch_size(half)
+            self._run_part(batch[:half])
+            self._run_part(batch[half:])
+
+    def _lower_batch_size(self, size: int) -> None:
+        """Batches of `size` images at most from now on, for the rest of the run."""
+        current = self.batches.size
+        if size >= current:
+            return
+        self._memory_limit = size
+        self.batches.reconfigure(size, self._cfg.batch.max_wait_ms / 1000.0)
+        self._log.warning("batch_size_lowered", batch_size=size, was=current, reason=OUT_OF_GPU_MEMORY)
 
     def _retry_singly(self, batch: List[Job]) -> None:
         for job in batch:
@@ -146,25 +245,29 @@ class Pipeline:
             try:
                 (mask,) = self._infer([job])
             except Exception as exc:  # per-file boundary
-                self.fail(job, "inference", _describe(exc), exc_info=True)
+                if _is_out_of_memory(exc):
+                    self.fail(job, "inference", OUT_OF_GPU_MEMORY)
+                else:
+                    self.fail(job, "inference", _describe(exc), exc_info=True)
                 continue
             job.mask = mask
             job.ms["infer"] = ms_since(started)
             self._track(self._encode_pool.submit(self._encode_and_publish, job))
 
     def _infer(self, batch: List[Job]) -> list:
+        first = batch[0].image
         return self._segmenter.predict(
             [job.image.model_input for job in batch],
             [(job.image.width, job.image.height) for job in batch],
+            model_size=self._model_size(first.width, first.height),
         )
 
     def _encode_and_publish(self, job: Job) -> None:
         out = self._cfg.output
-        stage = "encode"
         try:
             start = time.monotonic()
             alpha = combine_alpha(job.mask, job.image.alpha)
-            data = encode_png(
+            job.data = encode_png(
                 job.image.rgb,
                 alpha,
                 compress_level=out.png_compress_level,
@@ -172,26 +275,39 @@ class Pipeline:
                 icc_profile=job.image.icc_profile,
             )
             job.ms["encode"] = ms_since(start)
-            stage = "write"
-            start = time.monotonic()
-            output = self._publisher.publish(job.claim.rel, data)
-            job.ms["write"] = ms_since(start)
-            stage = "retire"
-            retired = self._publisher.retire(job.claim.rel, job.claim.path)
         except Exception as exc:  # per-file boundary
-            self.fail(job, stage, _describe(exc), exc_info=not isinstance(exc, OSError))
+            self.fail(job, "encode", _describe(exc), exc_info=True)
             return
-        job.ms["total"] = ms_since(job.ready_at)
-        size = (job.image.width, job.image.height)
+        job.size = (job.image.width, job.image.height)
         job.release_image()
+        self._deliver(job)
+
+    def _deliver(self, job: Job) -> None:
+        start = time.monotonic()
+        try:
+            delivery = self._publisher.deliver(job.claim, job.data)
+        except OSError as exc:
+            if exc.errno in NAME_ERRNOS:
+                self.fail(job, "write", _describe(exc))
+            else:
+                # The outbox or done/ is full, read-only or gone: not the input's fault. It
+                # stays claimed, keeps its encoded result and is tried again later.
+                self._retry_later(job, "write", exc, self._deliver)
+            return
+        except Exception as exc:  # per-file boundary
+            self.fail(job, "write", _describe(exc), exc_info=True)
+            return
+        job.ms["write"] = ms_since(start)
+        job.ms["total"] = ms_since(job.ready_at)
+        job.data = None
         self._counters.finished(ok=True)
         self._log.info(
             "file_done",
             input=str(job.input),
-            output=str(output),
-            original=str(retired) if retired is not None else "deleted",
-            width=size[0],
-            height=size[1],
+            output=str(delivery.output),
+            original=str(delivery.original) if delivery.original is not None else "deleted",
+            width=job.size[0],
+            height=job.size[1],
             batch=job.batch,
             ms=job.ms["total"],
             wait_ms=job.ms.get("wait"),
@@ -199,28 +315,49 @@ class Pipeline:
             infer_ms=job.ms.get("infer"),
             encode_ms=job.ms.get("encode"),
             write_ms=job.ms.get("write"),
+            **({"retries": job.attempts} if job.attempts else {}),
         )
         self._on_finished(job)
+
+    def _retry_later(self, job: Job, stage: str, exc: OSError, action: Callable[[Job], None]) -> None:
+        job.attempts += 1
+        delay = retry_delay(job.attempts)
+        self._log.warning(
+            "file_retry",
+            input=str(job.input),
+            stage=stage,
+            error=_describe(exc),
+            attempt=job.attempts,
+            retry_in_s=delay,
+        )
+        timer = threading.Timer(delay, self._resubmit, args=(job, action))
+        timer.daemon = True
+        with self._pending_lock:
+            if self._stopping:
+                return  # stays claimed; the next start picks it up
+            self._timers.add(timer)
+        timer.start()
+
+    def _resubmit(self, job: Job, action: Callable[[Job], None]) -> None:
+        with self._pending_lock:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+            if self._stopping:
+                return
+        self._track(self._encode_pool.submit(action, job))
 
     # -- failures ---------------------------------------------------------------------------
     def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
         job.release_image()
+        job.data = None
         try:
-            rejection = self._publisher.reject(job.claim.rel, job.claim.path, stage=stage, error=error)
+            rejection = self._publisher.reject(job.claim, stage=stage, error=error)
         except OSError as exc:
-            # The errors folder itself is unusable: the input stays claimed in the work area,
-            # untouched, and the next start picks it up again.
-            self._counters.abandoned()
-            self._log.error(
-                "file_stuck",
-                input=str(job.input),
-                claimed=str(job.claim.path),
-                stage=stage,
-                error=error,
-                reject_error=_describe(exc),
-            )
+            # The errors folder itself is unusable: the input stays claimed, untouched, and
+            # its rejection is tried again later (and at the next start, at the latest).
+            self._retry_later(job, "reject", exc, lambda j: self.fail(j, stage, error, exc_info))
             return
         self._counters.finished(ok=False)
+        job.stage, job.error = stage, error
         self._log.error(
             "file_failed",
             input=str(job.input),
@@ -231,6 +368,14 @@ class Pipeline:
             exc_info=exc_info,
         )
         self._on_finished(job)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # Imported here: torch is loaded by then (the model raised this), and this module
+    # stays importable without it.
+    from rmbgd.model import is_out_of_memory
+
+    return is_out_of_memory(exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,6 +17,8 @@ overflow) cannot strand a file forever.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterator, Optional, Tuple
 
@@ -39,16 +41,34 @@ class _Entry:
     complete: bool
     signature: Signature
     last_change: float
+    version: int = 0
 
 
 class Readiness:
+    """Per-file state plus a heap of check times, so that a poll only stats files whose quiet
+    period may have ended: with 100,000 files waiting, a poll costs nothing until they are due.
+    A change that happens during a quiet period is still caught: it shows as a different
+    signature at the check and restarts the period from there.
+    """
+
     def __init__(self, settle_seconds: float, writer_timeout_seconds: float) -> None:
         self._settle = settle_seconds
         self._writer_timeout = max(writer_timeout_seconds, settle_seconds)
         self._entries: dict[Hashable, _Entry] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._complete: list[Hashable] = []
+        self._versions = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def reconfigure(self, settle_seconds: float, writer_timeout_seconds: float) -> None:
+        """New quiet periods (a reload); files already waiting are re-checked under them."""
+        self._settle = settle_seconds
+        self._writer_timeout = max(writer_timeout_seconds, settle_seconds)
+        for path, entry in self._entries.items():
+            if not entry.complete:
+                self._schedule(path, entry)
 
     def __contains__(self, path: Hashable) -> bool:
         return path in self._entries
@@ -61,47 +81,25 @@ class Readiness:
         if entry is None:
             entry = _Entry(writer_open=False, complete=False, signature=signature, last_change=now)
             self._entries[path] = entry
+            self._schedule(path, entry)
         if seen is Seen.WRITTEN:
             entry.writer_open = True
             entry.complete = False
             entry.last_change = now
+            self._schedule(path, entry)
         elif seen in (Seen.CLOSED, Seen.MOVED_IN):
             entry.writer_open = False
-            entry.complete = True
+            if not entry.complete:
+                entry.complete = True
+                self._complete.append(path)
             entry.last_change = now
-        elif seen is Seen.SCANNED and signature != entry.signature:
+        elif seen is Seen.SCANNED and signature is not None and signature != entry.signature:
             entry.signature = signature
             entry.last_change = now
+            self._schedule(path, entry)
 
     def forget(self, path: Hashable) -> None:
         self._entries.pop(path, None)
-
-    def poll(self, now: float, stat: StatFn) -> list:
-        """Paths that are ready now; they are forgotten (the caller claims them).
-
-        Files still waiting are re-stat'ed so that a change restarts their quiet period and a
-        file that vanished is dropped.
-        """
-        ready = []
-        for path, entry in list(self._entries.items()):
-            if entry.complete:
-                ready.append(path)
-                continue
-            signature = stat(path)
-            if signature is None:
-                del self._entries[path]
-                continue
-            if signature != entry.signature:
-                entry.signature = signature
-                entry.last_change = now
-                continue
-            quiet = now - entry.last_change
-            limit = self._limit(entry)
-            if quiet >= limit:
-                ready.append(path)
-        for path in ready:
-            del self._entries[path]
-        return ready
 
     def _limit(self, entry: _Entry) -> float:
         # An empty file with no close event is most likely created by a writer that has not
@@ -110,12 +108,51 @@ class Readiness:
             return self._writer_timeout
         return self._settle
 
+    def _schedule(self, path: Hashable, entry: _Entry) -> None:
+        entry.version = next(self._versions)
+        # Nothing known about its size yet: look at it on the next poll.
+        due = entry.last_change if entry.signature is None else entry.last_change + self._limit(entry)
+        heapq.heappush(self._heap, (due, entry.version, path))
+
+    def poll(self, now: float, stat: StatFn) -> list:
+        """Paths that are ready now; they are forgotten (the caller claims them)."""
+        ready = []
+        for path in self._complete:
+            entry = self._entries.get(path)
+            if entry is not None and entry.complete:
+                ready.append(path)
+                del self._entries[path]
+        self._complete = []
+        while self._heap and self._heap[0][0] <= now:
+            _, version, path = heapq.heappop(self._heap)
+            entry = self._entries.get(path)
+            if entry is None or entry.version != version or entry.complete:
+                continue  # superseded by a later event
+            signature = stat(path)
+            if signature is None:
+                del self._entries[path]
+            elif signature != entry.signature:
+                entry.signature = signature
+                entry.last_change = now
+                self._schedule(path, entry)
+            elif now - entry.last_change >= self._limit(entry):
+                ready.append(path)
+                del self._entries[path]
+            else:
+                self._schedule(path, entry)
+        return ready
+
     def next_due(self) -> Optional[float]:
         """Earliest time at which a waiting file could become ready without new events."""
-        due = [e.last_change + self._limit(e) for e in self._entries.values() if not e.complete]
-        if any(e.complete for e in self._entries.values()):
+        if self._complete:
             return float("-inf")
-        return min(due) if due else None
+        while self._heap:
+            due, version, path = self._heap[0]
+            entry = self._entries.get(path)
+            if entry is not None and entry.version == version and not entry.complete:
+                return due
+            heapq.heappop(self._heap)
+        return None
 
     def paths(self) -> Iterator[Hashable]:
         return iter(list(self._entries))

@@ -26,12 +26,15 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
 
 from rmbgd.names import is_ignored
 from rmbgd.readiness import Seen, Signature
 
 # A directory appeared: its contents have to be scanned (events for them may predate our watch).
 SCAN_DIR = "scan_dir"
+# The kernel dropped events (inotify queue overflow): the whole inbox must be rescanned now.
+RESCAN = "rescan"
 
 Sink = Callable[[object, Path], None]
 
@@ -54,9 +57,12 @@ def _as_path(raw: object) -> Path:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, inbox: Path, sink: Sink) -> None:
+    def __init__(self, inbox: Path, sink: Sink, polling: bool = False) -> None:
         self._inbox = inbox
         self._sink = sink
+        # A polling observer never reports closes, so a write proves no writer is at work
+        # that will announce its end: such files are judged by size+mtime stability alone.
+        self._written = Seen.SCANNED if polling else Seen.WRITTEN
 
     def _wanted(self, path: Path) -> bool:
         try:
@@ -81,7 +87,7 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileClosedEvent):
             self._sink(Seen.CLOSED, src)
         elif isinstance(event, FileModifiedEvent):
-            self._sink(Seen.WRITTEN, src)
+            self._sink(self._written, src)
         elif isinstance(event, FileCreatedEvent):
             # Creation alone promises no close event (hard links, symlinks, mknod, and the
             # events watchdog synthesises for folders that appear), so it only starts the
@@ -92,23 +98,27 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, inbox: Path, sink: Sink) -> None:
+    def __init__(self, inbox: Path, sink: Sink, polling: bool = False, poll_seconds: float = 1.0) -> None:
         # watchdog warns when folders are created faster than it adds watches (mkdir -p, our
         # own claim folders); it re-registers the watch itself, so the warning is only noise.
         warnings.filterwarnings("ignore", message=r"Callback with id .* already exists", category=RuntimeWarning)
         self._inbox = inbox
-        self._observer = Observer()
+        self._observer = PollingObserver(timeout=poll_seconds) if polling else Observer()
         self._observer.daemon = True
         self._observer.name = "rmbgd-watcher"
         self._observer.schedule(
-            _Handler(inbox, sink),
+            _Handler(inbox, sink, polling=polling),
             str(inbox),
             recursive=True,
             event_filter=WANTED_EVENTS,
             follow_symlink=False,
         )
+        # watchdog only logs an inotify queue overflow (the dropped events are gone), so its
+        # log record is the one place to learn that a rescan is needed right away.
+        self._overflow = _OverflowFilter(lambda: sink(RESCAN, inbox))
 
     def start(self) -> None:
+        logging.getLogger("watchdog.observers.inotify").addFilter(self._overflow)
         self._observer.start()
 
     def is_alive(self) -> bool:
@@ -125,6 +135,18 @@ class Watcher:
             self._observer.join(timeout)
         finally:
             inotify_log.removeFilter(_drop_inactive_emitter_noise)
+            inotify_log.removeFilter(self._overflow)
+
+
+class _OverflowFilter(logging.Filter):
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_overflow = on_overflow
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "overflow" in record.getMessage().lower():
+            self._on_overflow()
+        return True
 
 
 def _drop_inactive_emitter_noise(record: logging.LogRecord) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import socket
 import stat
@@ -26,12 +27,23 @@ from typing import Iterator, List, Optional
 from rmbgd.names import PRIVATE_DIR
 
 LOCK_NAME = ".lock"
+INTENT_SUFFIX = ".intent"
 
 
 @dataclass(frozen=True)
 class Claim:
     rel: PurePath   # path relative to the inbox, as the user dropped it
     path: Path      # where the file lives while we own it
+
+    @property
+    def intent(self) -> Path:
+        """The publish journal of this claim (see publisher.py), next to it in the work area.
+
+        Hidden, so it can never be mistaken for a claim (claimed names are never hidden), and
+        named by a hash because the claim's own name may already be NAME_MAX long.
+        """
+        digest = hashlib.sha1(os.fsencode(self.path.name)).hexdigest()[:16]
+        return self.path.with_name(f".{digest}{INTENT_SUFFIX}")
 
 
 def default_instance_name() -> str:
@@ -94,11 +106,19 @@ class WorkArea:
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self) -> List[Claim]:
-        """Adopt files claimed by instances that are no longer running (including our own past)."""
+        """At start-up: our own leftovers (a reused instance name) and dead instances' claims."""
         if not self.root.is_dir():
             return []
-        # Our own folder first (a reused instance name), before it receives adopted files.
-        adopted: List[Claim] = self._own_leftovers()
+        # Our own folder first, before it receives adopted files.
+        adopted = self._own_leftovers() + self.adopt_dead_peers()
+        self._drop_orphan_intents()
+        return adopted
+
+    def adopt_dead_peers(self) -> List[Claim]:
+        """Claims of instances whose lock is free; safe to call while we are working."""
+        adopted: List[Claim] = []
+        if not self.root.is_dir():
+            return adopted
         for other in sorted(self.root.iterdir()):
             if other == self.dir or not other.is_dir() or other.is_symlink():
                 continue
@@ -106,25 +126,54 @@ class WorkArea:
             if fd is None:
                 continue  # alive: its owner is still working on those files
             try:
-                for path in list(self._files(other)):
-                    rel = path.relative_to(other)
-                    target = self.dir / rel
-                    if os.path.lexists(target):
-                        continue  # left for a later recovery; never overwrite a claim
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(path, target)
-                    adopted.append(Claim(rel=PurePath(rel), path=target))
-                _remove_tree_if_empty(other, keep_lock=False)
+                adopted.extend(self._adopt(other))
             finally:
                 os.close(fd)
         return adopted
+
+    def _adopt(self, other: Path) -> List[Claim]:
+        """Move a dead instance's claims (and their intents) into our folder."""
+        adopted: List[Claim] = []
+        for path in list(self._files(other, hidden=True)):
+            rel = path.relative_to(other)
+            target = self.dir / rel
+            if os.path.lexists(target):
+                continue  # left for a later recovery; never overwrite a claim
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+            if not path.name.startswith("."):
+                adopted.append(Claim(rel=PurePath(rel), path=target))
+        _remove_tree_if_empty(other, keep_lock=False)
+        return adopted
+
+    def _drop_orphan_intents(self) -> None:
+        # An intent whose claim is gone belongs to a file that was fully finished just before
+        # a crash, and a half-written intent never took effect: nothing is left to do for them.
+        keep = {c.intent for c in self._own_leftovers()}
+        for path in list(self._files(self.dir, hidden=True)):
+            if path.name.startswith(".") and path not in keep:
+                path.unlink(missing_ok=True)
+
+    def is_dead(self, instance: str) -> bool:
+        """True when no running process holds `instance`'s lock (its folder may be gone)."""
+        if instance == self.instance:
+            return False
+        folder = self.root / instance
+        if not folder.is_dir():
+            return True
+        fd = _lock(folder / LOCK_NAME)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
 
     def _own_leftovers(self) -> List[Claim]:
         return [Claim(rel=PurePath(p.relative_to(self.dir)), path=p) for p in self._files(self.dir)]
 
     @staticmethod
-    def _files(top: Path) -> Iterator[Path]:
-        """Every non-directory entry below `top` except the lock, without following links."""
+    def _files(top: Path, hidden: bool = False) -> Iterator[Path]:
+        """Every non-directory entry below `top` except the lock, without following links;
+        hidden entries (intents) only when asked for."""
         stack = [top]
         while stack:
             folder = stack.pop()
@@ -135,7 +184,9 @@ class WorkArea:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-                elif not (folder == top and entry.name == LOCK_NAME):
+                elif folder == top and entry.name == LOCK_NAME:
+                    continue
+                elif hidden or not entry.name.startswith("."):
                     yield Path(entry.path)
 
 

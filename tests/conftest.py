@@ -29,9 +29,9 @@ class Daemons:
     def config(self, name: str = "config.yaml", **sections) -> Path:
         return write_config(self.root / name, base_config(self.root, self.model, **sections))
 
-    def start(self, config: Path = None, wait_ready: bool = True, **sections) -> DaemonProcess:
+    def start(self, config: Path = None, wait_ready: bool = True, env: dict = None, **sections) -> DaemonProcess:
         config = config or self.config(**sections)
-        daemon = DaemonProcess(config, subprocess_env(self.hf_home))
+        daemon = DaemonProcess(config, {**subprocess_env(self.hf_home), **(env or {})})
         self.started.append(daemon)
         if wait_ready:
             daemon.wait_for("ready", timeout=120)

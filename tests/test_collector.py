@@ -115,3 +115,131 @@ def test_queue_reconfigure_keeps_items():
     q.put("b")
     q.reconfigure(size=2, max_wait_seconds=60.0)
     assert q.get(timeout=0) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- batching by size (key)
+
+SMALL, LARGE = (1024, 1024), (2048, 1536)
+
+
+def test_items_of_different_sizes_never_share_a_batch():
+    c = Collector(size=4, max_wait_seconds=0.1)
+    for i, key in enumerate([SMALL, LARGE, SMALL, LARGE, SMALL]):
+        c.add(i, ready_at=1.0 + i * 0.01, key=key)
+    assert c.take(10.0) == [0, 2, 4]
+    assert c.take(10.0) == [1, 3]
+    assert c.take(10.0) is None
+    assert len(c) == 0
+
+
+def test_each_size_waits_for_its_own_oldest_item():
+    c = Collector(size=4, max_wait_seconds=0.2)
+    c.add("s1", 10.0, key=SMALL)
+    c.add("l1", 10.1, key=LARGE)
+    assert c.due_at() == pytest.approx(10.2)
+    assert c.take(10.19) is None
+    assert c.take(10.2) == ["s1"]
+    assert c.due_at() == pytest.approx(10.3)
+    assert c.take(10.25) is None
+    assert c.take(10.3) == ["l1"]
+
+
+def test_a_full_batch_goes_before_a_partial_one_not_yet_due():
+    c = Collector(size=2, max_wait_seconds=1.0)
+    c.add("s1", 10.0, key=SMALL)
+    c.add("l1", 10.1, key=LARGE)
+    c.add("l2", 10.2, key=LARGE)
+    assert c.due_at() == float("-inf")
+    assert c.take(10.3) == ["l1", "l2"]
+    assert c.take(10.3) is None
+    assert c.take(11.0) == ["s1"]
+
+
+def test_when_several_sizes_are_due_the_oldest_item_decides():
+    # After a long model call everything is due: served in arrival order, full or not.
+    c = Collector(size=2, max_wait_seconds=0.1)
+    c.add("l1", 2.0, key=LARGE)
+    c.add("l2", 2.5, key=LARGE)
+    c.add("s1", 1.0, key=SMALL)
+    c.add("x1", 3.0, key=(64, 64))
+    assert c.take(100.0) == ["s1"]
+    assert c.take(100.0) == ["l1", "l2"]
+    assert c.take(100.0) == ["x1"]
+
+
+def test_a_lone_size_is_not_starved_by_a_stream_of_full_batches():
+    c = Collector(size=2, max_wait_seconds=0.5)
+    c.add("lone", 0.0, key=LARGE)
+    released = []
+    for step in range(10):
+        now = 0.2 * step
+        c.add(f"a{step}", now, key=SMALL)
+        c.add(f"b{step}", now, key=SMALL)
+        released.append(c.take(now))
+    # Out at the first request after its 0.5 s wait (t=0.6), ahead of that full batch.
+    assert released[:5] == [["a0", "b0"], ["a1", "b1"], ["a2", "b2"], ["lone"], ["a3", "b3"]]
+
+
+def test_drain_returns_every_size_oldest_first():
+    c = Collector(size=8, max_wait_seconds=1.0)
+    c.add("l", 2.0, key=LARGE)
+    c.add("s", 1.0, key=SMALL)
+    c.add("n", 3.0)
+    assert c.drain() == ["s", "l", "n"]
+    assert len(c) == 0 and c.due_at() is None
+
+
+def test_reconfigure_keeps_waiting_items_with_their_age_and_size():
+    c = Collector(size=4, max_wait_seconds=1.0)
+    c.add("s1", 1.0, key=SMALL)
+    c.add("s2", 1.1, key=SMALL)
+    c.add("s3", 1.2, key=SMALL)
+    c.add("l1", 1.3, key=LARGE)
+    assert c.take(1.5) is None
+    c.reconfigure(size=2, max_wait_seconds=1.0)
+    assert c.size == 2
+    assert c.take(1.5) == ["s1", "s2"]
+    assert c.take(1.5) is None
+    assert c.take(2.2) == ["s3"]
+    assert c.take(2.3) == ["l1"]
+    with pytest.raises(ValueError):
+        c.reconfigure(size=0, max_wait_seconds=1.0)
+
+
+def test_queue_batches_by_key_with_a_fake_clock():
+    clock = ManualClock(5.0)
+    q = BatchQueue(size=2, max_wait_seconds=1.0, clock=clock)
+    q.put("s1", key=SMALL)
+    q.put("l1", key=LARGE)
+    q.put("s2", key=SMALL)
+    assert len(q) == 3
+    assert q.get(timeout=0) == ["s1", "s2"]
+    assert q.get(timeout=0) is None
+    clock.t = 6.0
+    assert q.get(timeout=0) == ["l1"]
+
+
+def test_queue_reconfigure_lowers_the_size_for_every_key():
+    clock = ManualClock()
+    q = BatchQueue(size=8, max_wait_seconds=60.0, clock=clock)
+    for i in range(3):
+        q.put(("s", i), key=SMALL)
+        q.put(("l", i), key=LARGE)
+    assert q.get(timeout=0) is None
+    q.reconfigure(size=3, max_wait_seconds=60.0)
+    assert q.size == 3
+    assert q.get(timeout=0) == [("s", 0), ("s", 1), ("s", 2)]
+    assert q.get(timeout=0) == [("l", 0), ("l", 1), ("l", 2)]
+
+
+def test_queue_wakes_consumer_when_one_size_fills():
+    q = BatchQueue(size=2, max_wait_seconds=60.0)
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=10)))
+    consumer.start()
+    q.put("s1", key=SMALL)
+    q.put("l1", key=LARGE)
+    q.put("l2", key=LARGE)
+    consumer.join(10)
+    assert not consumer.is_alive()
+    assert got == [["l1", "l2"]]

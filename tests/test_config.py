@@ -276,12 +276,12 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, MINIMAL_PATHS + "pathz: {}\nfrobnicate: 1\n")
     assert problems[0].startswith(
         "pathz: unknown key (expected one of: paths, watch, batch, model, input, output, "
-        "pipeline, logging)"
+        "pipeline, logging, state, metrics)"
     )
     assert problems[0].endswith("did you mean 'paths'?")
     assert problems[1] == (
         "frobnicate: unknown key (expected one of: paths, watch, batch, model, input, output, "
-        "pipeline, logging)"
+        "pipeline, logging, state, metrics)"
     )
 
 
@@ -710,3 +710,106 @@ def test_effective_workers_and_in_flight(tmp_path: Path, monkeypatch: pytest.Mon
     )
     assert effective_workers(tuned) == 2
     assert effective_max_in_flight(tuned) == 2 * 4 + 2
+
+
+# --------------------------------------------------------------------------- state, metrics, log file
+
+
+def test_state_metrics_and_log_file_default_to_off(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL_PATHS))
+    assert cfg.state == config_mod.StateConfig(dir=None)
+    assert cfg.metrics == config_mod.MetricsConfig(port=None, address="127.0.0.1")
+    assert cfg.logging.file is None
+
+
+def test_state_metrics_and_log_file_parse(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            MINIMAL_PATHS
+            + "state:\n  dir: var/state\n"
+            + "metrics:\n  port: 9464\n  address: 0.0.0.0\n"
+            + "logging:\n  file: log/rmbgd.jsonl\n",
+        )
+    )
+    assert cfg.state.dir == tmp_path / "var" / "state"
+    assert cfg.metrics == config_mod.MetricsConfig(port=9464, address="0.0.0.0")
+    assert cfg.logging.file == tmp_path / "log" / "rmbgd.jsonl"
+    assert check_folders(cfg) == []
+
+
+def test_metrics_port_null_and_zero(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL_PATHS + "metrics:\n  port: null\n")).metrics.port is None
+    assert load_config(write(tmp_path, MINIMAL_PATHS + "metrics:\n  port: 0\n")).metrics.port == 0
+
+
+@pytest.mark.parametrize(
+    "snippet, expected",
+    [
+        ("metrics:\n  port: 70000\n", "metrics.port: must be at most 65535, got 70000"),
+        ("metrics:\n  port: http\n", "metrics.port: expected an integer, got 'http'"),
+        ("metrics:\n  address: 5\n", "metrics.address: expected a string, got 5"),
+        ("state:\n  dir: 3\n", "state.dir: expected a string or null, got 3"),
+        ("state:\n  folder: x\n", "state.folder: unknown key (expected one of: dir)"),
+        ("logging:\n  file: ''\n", "logging.file: must not be empty"),
+    ],
+)
+def test_state_metrics_and_log_file_errors(tmp_path: Path, snippet: str, expected: str) -> None:
+    assert problems_of(tmp_path, MINIMAL_PATHS + snippet) == [expected]
+
+
+def test_check_folders_rejects_state_and_log_inside_inbox(tmp_path: Path) -> None:
+    data = paths_data(tmp_path)
+    data["state"] = {"dir": str(tmp_path / "in" / "state")}
+    data["logging"] = {"file": str(tmp_path / "in" / "rmbgd.log")}
+    problems = check_folders(parse_config(data, tmp_path))
+    assert problems == [
+        f"state.dir: must not be inside paths.inbox ({tmp_path / 'in' / 'state'})",
+        f"logging.file: must not be inside paths.inbox ({tmp_path / 'in' / 'rmbgd.log'})",
+    ]
+
+
+def test_check_folders_log_file_in_a_file_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    data = paths_data(tmp_path)
+    data["logging"] = {"file": str(tmp_path / "plain" / "rmbgd.log")}
+    (problem,) = check_folders(parse_config(data, tmp_path))
+    assert problem.startswith("logging.file: exists but is not a folder")
+
+
+# --------------------------------------------------------------------------- model precision and sizes
+
+
+def test_model_precision_and_size_keys(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            MINIMAL_PATHS
+            + "model:\n  dtype: BFloat16\n  input_size: Dynamic\n  max_input_size: 1536\n  compile: true\n",
+        )
+    )
+    assert (cfg.model.dtype, cfg.model.input_size) == ("bfloat16", "dynamic")
+    assert (cfg.model.max_input_size, cfg.model.compile) == (1536, True)
+    defaults = load_config(write(tmp_path, MINIMAL_PATHS)).model
+    assert (defaults.dtype, defaults.input_size, defaults.max_input_size, defaults.compile) == (
+        "auto",
+        1024,
+        2048,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ("model:\n  dtype: fp16\n", "model.dtype: expected auto, float16, bfloat16 or float32, got 'fp16'"),
+        ("model:\n  dtype: 16\n", "model.dtype: expected auto, float16, bfloat16 or float32, got 16"),
+        ("model:\n  input_size: large\n", "model.input_size: expected an integer or dynamic, got 'large'"),
+        ("model:\n  input_size: 1024.0\n", "model.input_size: expected an integer, got 1024.0"),
+        ("model:\n  max_input_size: 2000\n", "model.max_input_size: must be a multiple of 32, got 2000"),
+        ("model:\n  max_input_size: 32\n", "model.max_input_size: must be at least 64, got 32"),
+        ("model:\n  compile: yes please\n", "model.compile: expected true or false, got 'yes please'"),
+    ],
+)
+def test_model_precision_and_size_errors(tmp_path: Path, snippet: str, expected: str) -> None:
+    assert problems_of(tmp_path, MINIMAL_PATHS + snippet) == [expected]

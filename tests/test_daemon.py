@@ -44,9 +44,13 @@ def test_mix_of_images_batched_with_known_masks(daemons, folders):
         ("e.tiff", 100, 130, (0.3, 0.3, 1.0, 0.7), "TIFF", {}),
         ("f.png", 64, 64, (0.25, 0.25, 0.75, 0.75), "PNG", {}),
     ]
+    staging = inbox.parent / "staging"
     for name, w, h, box, fmt, kw in specs:
-        path = save(pattern(w, h, box), inbox / name, fmt, **kw)
+        # Decoded from a copy outside the inbox: the daemon may take the file at once.
+        path = save(pattern(w, h, box), staging / name, fmt, **kw)
         sources[inbox / name] = decoded(path)
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, inbox / name)
     records = daemon.wait_count(ALL_DONE, len(specs))
     assert [r for r in records if r["event"] == "file_failed"] == []
     mapping = outputs_by_input(daemon)
@@ -120,9 +124,9 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_bad_inputs_go_to_errors_while_good_ones_succeed(daemons, folders):
     daemon = daemons.start()
     inbox = folders.inbox
-    good = save(pattern(60, 40, (0.1, 0.1, 0.6, 0.9)), inbox / "good.png", "PNG")
-    good_rgb = decoded(good)
-    jpeg = inbox / "trunc.jpg"
+    good_rgb = pattern(60, 40, (0.1, 0.1, 0.6, 0.9))
+    save(good_rgb, inbox / "good.png", "PNG")
+    jpeg = inbox.parent / "full.jpg"
     save(pattern(120, 90, (0.2, 0.2, 0.8, 0.8)), jpeg, "JPEG")
     blob = jpeg.read_bytes()
     bad = {

@@ -4,7 +4,7 @@ import os
 import threading
 from pathlib import Path
 
-from rmbgd.fsops import TEMP_TAG, move_unique, publish_bytes
+from rmbgd.fsops import TEMP_SUFFIX as TEMP_TAG, move_unique, publish_bytes
 
 
 def test_publish_writes_whole_file_and_leaves_no_temp(tmp_path):

@@ -799,6 +799,47 @@ def test_compress_level_is_honoured():
         np.testing.assert_array_equal(read_png(encode_png(rgb, alpha, compress_level=level))[..., :3], rgb)
 
 
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+@pytest.mark.parametrize("level", range(10))
+def test_every_level_round_trips_with_either_deflate(monkeypatch, deflate, level):
+    if deflate == "isal":
+        pytest.importorskip("isal")
+    else:
+        monkeypatch.setattr(images, "_isal_zlib", None)
+    rgb, alpha = random_rgba(37, 29)
+    for clean in (False, True):
+        data = encode_png(rgb, alpha, compress_level=level, clean_transparent=clean)
+        png_chunks(data)
+        # zlib itself must accept the stream, not only Pillow's tolerant reader.
+        idat = b"".join(body for tag, body in png_chunks(data) if tag == b"IDAT")
+        assert len(zlib.decompress(idat)) == 37 * (1 + 4 * 29)
+        want = np.dstack((rgb, alpha))
+        if clean:
+            want[alpha == 0] = 0
+        np.testing.assert_array_equal(read_png(data), want)
+
+
+def test_isal_and_zlib_write_the_same_pixels(monkeypatch):
+    pytest.importorskip("isal")
+    rgb = np.kron(pattern(9, 11), np.ones((7, 7, 1), np.uint8))
+    alpha = np.random.default_rng(3).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+    fast = encode_png(rgb, alpha)
+    monkeypatch.setattr(images, "_isal_zlib", None)
+    plain = encode_png(rgb, alpha)
+    np.testing.assert_array_equal(read_png(fast), read_png(plain))
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (2, 1), (1, 2), (3, 5)])
+def test_last_pixel_and_tiny_images_interleave_exactly(h, w):
+    # Each pixel is read as a word that overlaps the next pixel's red byte; the last pixel
+    # has none after it and is handled apart. A sentinel after the buffer must not leak in.
+    buffer = np.full(h * w * 3 + 1, 0xAB, np.uint8)
+    rgb = buffer[:-1].reshape(h, w, 3)
+    rgb[:] = np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3)
+    alpha = np.full((h, w), 200, np.uint8)
+    np.testing.assert_array_equal(read_png(encode_png(rgb, alpha)), np.dstack((rgb, alpha)))
+
+
 def test_many_idat_chunks_decode(monkeypatch):
     monkeypatch.setattr(images, "_IDAT_CHUNK_BYTES", 100)
     rgb, alpha = random_rgba()

@@ -7,8 +7,10 @@ checkpoint built on the fly (tests/support/tinymodel.py) and loaded through
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,11 +28,21 @@ from rmbgd.model import (
     IMAGENET_STD,
     ModelLoadError,
     Segmenter,
+    configure_backends,
+    cpu_threads,
     dtype_for_device,
+    is_out_of_memory,
     load_segmenter,
     resolve_device,
+    resolve_dtype,
 )
-from tests.support.tinymodel import alpha_for_rgb, build_tiny_model, expected_alpha
+from tests.support.tinymodel import (
+    LEGACY_CLASSES,
+    alpha_for_rgb,
+    build_legacy_model,
+    build_tiny_model,
+    expected_alpha,
+)
 
 SIDE = 64  # the model input size for these tests; BiRefNet uses 1024
 
@@ -42,8 +54,11 @@ class ModelConfig:
     name: str = "ZhengPeng7/BiRefNet"
     device: str = "cpu"
     trust_remote_code: bool = True
-    input_size: int = SIDE
+    input_size: int | str = SIDE
     revision: str | None = None
+    dtype: str = "auto"
+    max_input_size: int = 2048
+    compile: bool = False
 
 
 class RecordingLog:
@@ -180,6 +195,8 @@ def test_auto_device_without_cuda_is_cpu(tiny_dir, monkeypatch):
     loading, loaded_event = (fields for _, fields in log.events)
     assert loading == {"name": str(tiny_dir), "device": "cpu", "dtype": "float32"}
     assert loaded_event["ms"] >= 0
+    assert loaded_event["loader"] == "from_pretrained"
+    assert loaded_event["threads"] >= 1
 
 
 def test_predict_batch_of_different_images_and_sizes(segmenter):
@@ -402,10 +419,13 @@ def test_invalid_model_id():
     assert message.startswith("model.name: 'not a valid id' is neither an existing local directory")
 
 
-OFFLINE_HINT = (
-    "; on an offline machine, copy the model folder there and set model.name to that local "
-    "directory, e.g. model.name: /srv/rmbgd/models/BiRefNet"
-)
+def offline_hint(cache: Path) -> str:
+    return (
+        f" and it is not in the Hugging Face cache ({cache}); run `rmbgd fetch-model --config PATH` "
+        "where the hub is reachable to fill that cache, or, on an offline machine, copy the model "
+        "folder there and set model.name to that local directory, "
+        "e.g. model.name: /srv/rmbgd/models/BiRefNet"
+    )
 
 
 def test_hub_id_with_hf_hub_offline_and_empty_cache(monkeypatch, empty_hub_cache):
@@ -415,7 +435,15 @@ def test_hub_id_with_hf_hub_offline_and_empty_cache(monkeypatch, empty_hub_cache
     assert time.monotonic() - started < 5
     assert message == (
         "model.name: cannot download 'ZhengPeng7/BiRefNet' from the Hugging Face hub "
-        "(HF_HUB_OFFLINE is set)" + OFFLINE_HINT
+        "(HF_HUB_OFFLINE is set)" + offline_hint(empty_hub_cache)
+    )
+
+
+def test_hub_id_offline_names_the_pinned_revision(monkeypatch, empty_hub_cache):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = load_error(ModelConfig(name="ZhengPeng7/BiRefNet", revision="v1.2"))
+    assert message.startswith(
+        "model.name: cannot download 'ZhengPeng7/BiRefNet' at revision 'v1.2' from the Hugging Face hub"
     )
 
 
@@ -427,7 +455,7 @@ def test_hub_id_with_unreachable_hub(monkeypatch, online_mode, empty_hub_cache):
     message = load_error(ModelConfig(name="ZhengPeng7/BiRefNet"))
     assert message == (
         "model.name: cannot download 'ZhengPeng7/BiRefNet' from the Hugging Face hub "
-        "(no network access?)" + OFFLINE_HINT
+        "(no network access?)" + offline_hint(empty_hub_cache)
     )
 
 
@@ -485,3 +513,449 @@ def test_corrupt_weights(tmp_path):
     message = load_error(ModelConfig(name=str(model_dir)))
     assert message.startswith(f"model.name: cannot load '{model_dir}': ")
 
+
+
+def test_remote_code_needing_birefnets_packages_names_the_extra(tmp_path):
+    missing = [name for name in ("timm", "kornia", "einops") if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("timm, kornia and einops are all installed here")
+    model_dir = build_tiny_model(tmp_path / "tiny_birefnet_imports")
+    modeling = model_dir / "modeling_tinyseg.py"
+    modeling.write_text("".join(f"import {name}\n" for name in missing) + modeling.read_text())
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message.startswith("model.name: the model's code needs the Python package")
+    assert all(f"'{name}'" in message for name in missing)
+    assert message.endswith(
+        ": pip install 'rmbgd[birefnet]' (BiRefNet's code needs timm, kornia, einops)"
+    )
+
+
+# --------------------------------------------------------------------------- legacy remote code
+
+
+def red_square() -> np.ndarray:
+    return paint(SIDE, SIDE, [((0, 0, SIDE, SIDE), RED)])
+
+
+@pytest.mark.parametrize("habit", sorted(LEGACY_CLASSES))
+def test_legacy_code_breaks_plain_from_pretrained(tmp_path, habit):
+    # The fixture really reproduces the habit: transformers alone cannot load it.
+    from transformers import AutoModelForImageSegmentation
+
+    model_dir = build_legacy_model(tmp_path / habit, habit)
+    with pytest.raises((AttributeError, RuntimeError)) as info:
+        AutoModelForImageSegmentation.from_pretrained(
+            str(model_dir), trust_remote_code=True, dtype=torch.float32, local_files_only=True
+        )
+    assert any(
+        sign in str(info.value)
+        for sign in ("model_type", "get_text_config", "all_tied_weights_keys", "meta tensors")
+    )
+
+
+@pytest.mark.parametrize("habit", sorted(LEGACY_CLASSES))
+def test_legacy_code_loads_through_the_fallback(tmp_path, habit):
+    model_dir = build_legacy_model(tmp_path / habit, habit)
+    log = RecordingLog()
+    loaded = load_segmenter(ModelConfig(name=str(model_dir)), log=log)
+
+    assert loaded.loader == "legacy"
+    assert log.names() == ["model_loading", "model_legacy_fallback", "model_loaded"]
+    fields = dict(log.events)
+    assert fields["model_loaded"]["loader"] == "legacy"
+    assert fields["model_legacy_fallback"]["reason"]
+    loaded.warmup()
+    # The weights really loaded: zero-initialised ones would give 128 everywhere.
+    width, height, regions = CASES[0]
+    image = paint(width, height, regions)
+    (mask,) = loaded.predict([resize_like_daemon(image)], [(width, height)])
+    keep = interior(width, height, regions, margin=4)
+    assert np.abs(mask[keep].astype(int) - expected_alpha(image)[keep].astype(int)).max() <= 2
+
+
+def test_legacy_fp16_checkpoint_loads_in_float32_on_cpu(tmp_path):
+    model_dir = build_legacy_model(tmp_path / "legacy16", "birefnet_style", stored_dtype="float16")
+    loaded = load_segmenter(ModelConfig(name=str(model_dir)))
+    assert loaded.loader == "legacy"
+    assert {p.dtype for p in loaded._model.parameters()} == {torch.float32}
+    assert (loaded.predict([red_square()], [(4, 4)])[0] == 255).all()
+
+
+def test_a_well_written_model_does_not_take_the_fallback(tiny_dir):
+    log = RecordingLog()
+    assert load_segmenter(ModelConfig(name=str(tiny_dir)), log=log).loader == "from_pretrained"
+    assert "model_legacy_fallback" not in log.names()
+
+
+def test_legacy_weights_that_do_not_match_the_code(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = build_legacy_model(tmp_path / "legacy_extra", "no_post_init")
+    weights = model_dir / "model.safetensors"
+    state = load_file(weights)
+    state["stray.weight"] = torch.zeros(2)
+    del state["head.bias"]
+    save_file(state, weights, metadata={"format": "pt"})
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message == (
+        f"model.name: cannot load '{model_dir}': its weights do not match its code: "
+        "1 weight(s) missing from the checkpoint (head.bias); "
+        "1 unexpected tensor(s) in the checkpoint (stray.weight)"
+    )
+
+
+def test_legacy_model_without_safetensors(tmp_path):
+    model_dir = build_legacy_model(tmp_path / "legacy_bin", "plain_config")
+    (model_dir / "model.safetensors").unlink()
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message.startswith(f"model.name: cannot load '{model_dir}': ")
+
+
+def test_legacy_fallback_failing_too_reports_both(tmp_path):
+    model_dir = build_legacy_model(tmp_path / "legacy_broken", "plain_config")
+    modeling = model_dir / "modeling_legacyseg.py"
+    # Breaks construction itself, which the fallback cannot work around either.
+    modeling.write_text(
+        modeling.read_text().replace(
+            "self.config = PlainConfig()", "self.config = PlainConfig(); self.config.nope.x = 1"
+        )
+    )
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message.startswith(f"model.name: cannot load '{model_dir}': AttributeError: ")
+    assert "from_pretrained had failed with AttributeError" in message
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    ("spec", "device", "expected"),
+    [
+        ("auto", "cpu", "float32"),
+        ("auto", "cuda", "float16"),
+        ("auto", "cuda:1", "float16"),
+        ("float16", "cpu", "float16"),
+        ("bfloat16", "cuda", "bfloat16"),
+        (" Float32 ", "cuda", "float32"),
+    ],
+)
+def test_resolve_dtype(spec, device, expected):
+    assert resolve_dtype(spec, device) == expected
+
+
+def test_resolve_dtype_rejects_unknown():
+    with pytest.raises(ModelLoadError, match=r"^model\.dtype: expected auto, float16, bfloat16 or float32"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_fp16_checkpoint_fixture_is_fp16_under_transformers_defaults(tmp_path):
+    # What the issue is about: transformers 5 alone keeps an fp16 checkpoint in fp16.
+    from transformers import AutoModelForImageSegmentation
+
+    model_dir = build_tiny_model(tmp_path / "tiny16", stored_dtype="float16")
+    model = AutoModelForImageSegmentation.from_pretrained(
+        str(model_dir), trust_remote_code=True, local_files_only=True
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_fp16_checkpoint_loads_and_runs_in_float32_on_cpu(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "tiny16", stored_dtype="float16")
+    loaded = load_segmenter(ModelConfig(name=str(model_dir), dtype="auto"))
+    assert loaded.dtype == "float32"
+    assert {p.dtype for p in loaded._model.parameters()} == {torch.float32}
+    loaded.warmup()
+    width, height, regions = CASES[5]
+    image = paint(width, height, regions)
+    (mask,) = loaded.predict([resize_like_daemon(image)], [(width, height)])
+    keep = interior(width, height, regions, margin=12)
+    assert np.abs(mask[keep].astype(int) - expected_alpha(image)[keep].astype(int)).max() <= 2
+
+
+def test_explicit_float16_on_cpu(tmp_path, tiny_dir):
+    loaded = load_segmenter(ModelConfig(name=str(tiny_dir), dtype="float16"))
+    loaded.warmup()
+    assert (loaded.dtype, loaded.precision) == ("float16", "weights")
+    assert {p.dtype for p in loaded._model.parameters()} == {torch.float16}
+    assert (loaded.predict([red_square()], [(3, 3)])[0] >= 254).all()
+
+
+def test_bfloat16_with_a_deformable_convolution_falls_back_to_autocast(tmp_path):
+    # torchvision's deform_conv2d has no bfloat16 kernel (on CPU as on CUDA), BiRefNet's case.
+    model_dir = build_tiny_model(tmp_path / "deformable", deformable=True)
+    log = RecordingLog()
+    loaded = load_segmenter(ModelConfig(name=str(model_dir), dtype="bfloat16"), log=log)
+    loaded.warmup()
+    assert (loaded.dtype, loaded.precision) == ("bfloat16", "autocast")
+    fallback = dict(log.events)["model_precision_fallback"]
+    assert fallback["dtype"] == "bfloat16"
+    assert "BFloat16" in fallback["error"]
+    assert fallback["fallback"] == "float32 weights under bfloat16 autocast"
+    width, height, regions = CASES[0]
+    image = paint(width, height, regions)
+    (mask,) = loaded.predict([resize_like_daemon(image)], [(width, height)])
+    keep = interior(width, height, regions, margin=4)
+    assert np.abs(mask[keep].astype(int) - expected_alpha(image)[keep].astype(int)).max() <= 2
+
+
+class DtypeSensitiveModel(torch.nn.Module):
+    """Fails for some input dtypes (weights or autocast), like a kernel missing for a dtype."""
+
+    def __init__(self, fail_weights=(), fail_autocast=()):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 1, 1)
+        self.fail_weights = fail_weights
+        self.fail_autocast = fail_autocast
+
+    def forward(self, pixels):
+        autocast = torch.is_autocast_enabled(pixels.device.type)
+        if autocast and torch.get_autocast_dtype(pixels.device.type) in self.fail_autocast:
+            raise RuntimeError('"kernel_autocast" not implemented for this dtype')
+        if not autocast and pixels.dtype in self.fail_weights:
+            raise RuntimeError(f'"kernel" not implemented for {pixels.dtype}')
+        out = self.head(pixels)
+        return [out, out]
+
+
+def make_segmenter(model, dtype="float32", log=None, **options) -> Segmenter:
+    options.setdefault("input_size", 8)
+    return Segmenter(model, name="fake", device="cpu", dtype=dtype, log=log, **options)
+
+
+def test_bfloat16_failing_under_autocast_too_is_one_clear_line():
+    model = DtypeSensitiveModel(fail_weights=(torch.bfloat16,), fail_autocast=(torch.bfloat16,))
+    broken = make_segmenter(model.to(torch.bfloat16), dtype="bfloat16", log=RecordingLog())
+    with pytest.raises(ModelLoadError) as info:
+        broken.warmup()
+    message = str(info.value)
+    assert message.startswith("model.dtype: bfloat16 does not work with 'fake' on cpu: RuntimeError: ")
+    assert message.endswith("; set model.dtype: float32")
+    assert "\n" not in message
+
+
+def test_warmup_failure_unrelated_to_precision():
+    def broken(pixels):
+        raise RuntimeError("shape mismatch in decoder")
+
+    with pytest.raises(ModelLoadError) as info:
+        make_segmenter(broken).warmup()
+    assert str(info.value) == (
+        "model.name: 'fake' fails on a test image on cpu (float32): RuntimeError: shape mismatch in decoder"
+    )
+
+
+def test_warmup_out_of_memory_is_a_load_error():
+    def hungry(pixels):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(ModelLoadError, match=r"^model\.device: out of GPU memory on cpu running one 8x8 image"):
+        make_segmenter(hungry).warmup()
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory."), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("CUDA error: device-side assert triggered"), False),
+        (MemoryError(), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_is_out_of_memory(exc, expected):
+    assert is_out_of_memory(exc) is expected
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+class CountingModel:
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def __call__(self, pixels):
+        self.calls.append(pixels.shape[0])
+        out = torch.zeros((pixels.shape[0], 1, pixels.shape[2], pixels.shape[3]))
+        return [out, out]
+
+
+def test_compile_is_used_and_warmed_up_with_two_batch_sizes(tiny_dir, monkeypatch):
+    compiled = CountingModel()
+    wrapped = []
+
+    def fake_compile(model, **kwargs):
+        wrapped.append(model)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    log = RecordingLog()
+    loaded = load_segmenter(ModelConfig(name=str(tiny_dir), compile=True), log=log)
+    assert len(wrapped) == 1 and dict(log.events)["model_loaded"]["compiled"] is True
+    loaded.warmup()
+    assert compiled.calls == [1, 2]
+    loaded.predict([red_square()] * 3, [(2, 2)] * 3)
+    assert compiled.calls == [1, 2, 3]
+
+
+def test_compile_failing_at_once_falls_back_to_eager(tiny_dir, monkeypatch):
+    def no_compiler(model, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    log = RecordingLog()
+    loaded = load_segmenter(ModelConfig(name=str(tiny_dir), compile=True), log=log)
+    assert dict(log.events)["model_compile_failed"] == {
+        "error": "RuntimeError: Dynamo is not supported on this Python",
+        "fallback": "eager",
+    }
+    loaded.warmup()
+    assert (loaded.predict([red_square()], [(2, 2)])[0] == 255).all()
+
+
+def test_compile_failing_in_warmup_falls_back_to_eager(tiny_dir, monkeypatch):
+    def failing_compiled(pixels):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: failing_compiled)
+    log = RecordingLog()
+    loaded = load_segmenter(ModelConfig(name=str(tiny_dir), compile=True), log=log)
+    loaded.warmup()
+    assert "model_compile_failed" in log.names()
+    assert (loaded.predict([red_square()], [(2, 2)])[0] == 255).all()
+
+
+# --------------------------------------------------------------------------- input sizes, GPU-only paths
+
+
+def test_dynamic_input_size_runs_each_batch_at_its_own_size():
+    fake = FakeModel(final_logit=30.0)
+    dynamic = make_segmenter(fake, input_size="dynamic", max_input_size=128)
+    assert dynamic.model_size(200, 100) == (128, 64)
+    images = [np.zeros((64, 96, 3), dtype=np.uint8)] * 2
+    masks = dynamic.predict(images, [(300, 200), (30, 20)], model_size=(96, 64))
+    assert [mask.shape for mask in masks] == [(200, 300), (20, 30)]
+    assert fake.inputs[0].shape == (2, 3, 64, 96)
+    assert all((mask == 255).all() for mask in masks)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        dynamic.predict([np.zeros((50, 96, 3), dtype=np.uint8)], [(5, 5)])
+    with pytest.raises(ValueError, match=r"expected a \(64, 96, 3\) uint8 array"):
+        dynamic.predict([np.zeros((64, 64, 3), dtype=np.uint8)], [(5, 5)], model_size=(96, 64))
+
+
+def test_dynamic_warmup_size_is_capped():
+    fake = FakeModel()
+    make_segmenter(fake, input_size="dynamic", max_input_size=256).warmup()
+    assert fake.inputs[0].shape == (1, 3, 256, 256)
+
+
+def test_dynamic_input_size_with_the_real_model(tiny_dir):
+    loaded = load_segmenter(ModelConfig(name=str(tiny_dir), input_size="dynamic", max_input_size=256))
+    width, height, regions = CASES[5]
+    image = paint(width, height, regions)
+    size = loaded.model_size(width, height)
+    assert size == (256, 160)
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    (mask,) = loaded.predict([resized], [(width, height)], model_size=size)
+    keep = interior(width, height, regions, margin=4)
+    assert np.abs(mask[keep].astype(int) - expected_alpha(image)[keep].astype(int)).max() <= 2
+
+
+def test_resize_on_device_matches_the_decoders_resize():
+    # The CUDA path (resizing on the device) exercised on the CPU: images arrive at their
+    # own size and come out like those the decode pool resizes with Pillow.
+    model = DtypeSensitiveModel()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[0, 0, 0, 0] = 24.0 * IMAGENET_STD[0]
+        model.head.bias.fill_(24.0 * IMAGENET_MEAN[0] - 12.0)
+    on_device = make_segmenter(model, input_size=SIDE, resize_on_device=True)
+    on_host = make_segmenter(model, input_size=SIDE)
+    images = [paint(w, h, regions) for w, h, regions in CASES]
+    sizes = [(w, h) for w, h, _ in CASES]
+    device_masks = on_device.predict(images, sizes)
+    host_masks = on_host.predict([resize_like_daemon(image) for image in images], sizes)
+    for (width, height, regions), device_mask, host_mask in zip(CASES, device_masks, host_masks):
+        keep = interior(width, height, regions, margin=max(4, math.ceil(2 * max(width, height) / SIDE) + 2))
+        assert np.abs(device_mask[keep].astype(int) - host_mask[keep].astype(int)).max() <= 2
+
+
+def test_on_the_cpu_images_must_arrive_resized():
+    assert make_segmenter(FakeModel()).resizes_on_device is False
+    with pytest.raises(ValueError):
+        make_segmenter(FakeModel()).predict([np.zeros((9, 8, 3), dtype=np.uint8)], [(9, 8)])
+
+
+def test_cudnn_benchmark_only_on_cuda_with_a_fixed_size(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends("cpu", 1024)
+    assert torch.backends.cudnn.benchmark is False
+    configure_backends("cuda", "dynamic")
+    assert torch.backends.cudnn.benchmark is False
+    configure_backends("cuda:0", 1024)
+    assert torch.backends.cudnn.benchmark is True
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2), (3, 3), (4, 3), (8, 6), (16, 12), (64, 48)])
+def test_cpu_threads_leave_a_quarter_of_the_cores(cores, threads):
+    assert cpu_threads(cores) == threads
+
+
+def test_cpu_threads_respect_omp_num_threads(tiny_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    load_segmenter(ModelConfig(name=str(tiny_dir)))
+    assert calls == []
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    load_segmenter(ModelConfig(name=str(tiny_dir)))
+    assert calls == [cpu_threads(len(os.sched_getaffinity(0)))]
+
+
+# --------------------------------------------------------------------------- model.revision
+
+
+def inverted_copy(source: Path, dest: Path) -> Path:
+    """The tiny model with its logit negated: red comes out transparent instead of opaque."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    weights = dest / "model.safetensors"
+    state = {key: -value for key, value in load_file(weights).items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    return dest
+
+
+def cache_repo(cache: Path, repo: str, snapshots: dict, refs: dict) -> None:
+    """The layout huggingface_hub leaves after downloading ``repo`` at several revisions."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    for commit, source in snapshots.items():
+        shutil.copytree(source, folder / "snapshots" / commit)
+    for ref, commit in refs.items():
+        (folder / "refs" / ref).write_text(commit)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["from_pretrained", "legacy"])
+def test_revision_selects_the_cached_snapshot(tmp_path, monkeypatch, empty_hub_cache, legacy):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if legacy:
+        pinned = build_legacy_model(tmp_path / "pinned", "birefnet_style")
+    else:
+        pinned = build_tiny_model(tmp_path / "pinned")
+    latest = inverted_copy(pinned, tmp_path / "latest")
+    # Names of their own: transformers keeps the classes of a repository's code (keyed by
+    # repository and commit) for the life of the process.
+    repo = "rmbgd-tests/legacy" if legacy else "rmbgd-tests/tiny"
+    old, new = ("3" if legacy else "1") * 40, ("4" if legacy else "2") * 40
+    cache_repo(empty_hub_cache, repo, {old: pinned, new: latest}, {"main": new, "v1": old})
+
+    at_v1 = load_segmenter(ModelConfig(name=repo, revision="v1"))
+    at_main = load_segmenter(ModelConfig(name=repo))
+    at_commit = load_segmenter(ModelConfig(name=repo, revision=old))
+    assert at_v1.loader == ("legacy" if legacy else "from_pretrained")
+    assert (at_v1.predict([red_square()], [(2, 2)])[0] == 255).all()
+    assert (at_commit.predict([red_square()], [(2, 2)])[0] == 255).all()
+    assert (at_main.predict([red_square()], [(2, 2)])[0] == 0).all()

@@ -126,7 +126,38 @@ def test_next_due():
     assert r.next_due() is None
     r.observe(A, Seen.SCANNED, 2.0, (10, 1))
     assert r.next_due() == 3.0
+    disk.write("b", 5, 1)
     r.observe("b", Seen.WRITTEN, 1.0)
-    assert r.next_due() == 3.0
+    assert r.next_due() == 1.0  # size unknown: looked at on the next poll
+    assert r.poll(1.0, disk.stat) == []
+    assert r.next_due() == 3.0  # b now waits for its writer until 11.0
     r.observe("c", Seen.CLOSED, 4.0)
     assert r.next_due() == float("-inf")
+
+
+def test_poll_only_stats_files_that_are_due():
+    r, disk = make(settle=1.0)
+    calls = []
+
+    def counting_stat(path):
+        calls.append(path)
+        return disk.stat(path)
+
+    for i in range(1000):
+        disk.write(i, 10, 1)
+        r.observe(i, Seen.SCANNED, 0.0, (10, 1))
+    for t in (0.1, 0.5, 0.9):
+        assert r.poll(t, counting_stat) == []
+    assert calls == [], "nothing is due before settle_seconds"
+    assert len(r.poll(1.0, counting_stat)) == 1000
+    assert len(calls) == 1000
+
+
+def test_event_during_quiet_period_postpones_readiness():
+    r, disk = make(settle=1.0)
+    disk.write(A, 10, 1)
+    r.observe(A, Seen.SCANNED, 0.0, (10, 1))
+    disk.write(A, 10, 2)
+    r.observe(A, Seen.SCANNED, 0.5, (10, 2))  # a rescan saw the change
+    assert r.poll(1.0, disk.stat) == []
+    assert r.poll(1.5, disk.stat) == [A]

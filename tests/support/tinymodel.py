@@ -16,6 +16,7 @@ half (131). The coefficients live in the saved weights, not in the code.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -31,6 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CODE_DIR = Path(__file__).parent / "tinyseg"
 CODE_FILES = ("configuration_tinyseg.py", "modeling_tinyseg.py")
+DEFORMABLE_CODE_FILE = "modeling_deformseg.py"
 
 AUTO_MAP = {
     "AutoConfig": "configuration_tinyseg.TinySegConfig",
@@ -54,10 +56,20 @@ def expected_alpha(rgb: np.ndarray) -> np.ndarray:
     return np.rint(255.0 / (1.0 + np.exp(-logit))).astype(np.uint8)
 
 
-def build_tiny_model(dest: Path, *, delay_ms_per_call: float = 0.0, delay_ms_per_image: float = 0.0) -> Path:
+def build_tiny_model(
+    dest: Path,
+    *,
+    delay_ms_per_call: float = 0.0,
+    delay_ms_per_image: float = 0.0,
+    stored_dtype: str = "float32",
+    deformable: bool = False,
+) -> Path:
     """Write config.json, model.safetensors and the model's code into ``dest``; return it.
 
     The delays make the forward call wait (without using the CPU) like a busy accelerator.
+    ``stored_dtype="float16"`` stores the weights in half precision, as BiRefNet_HR and the
+    512 variants are (config.json then says so too). ``deformable`` runs the head through
+    torchvision's deformable convolution, which has no bfloat16 kernel, like BiRefNet's.
     """
     import torch
 
@@ -67,8 +79,11 @@ def build_tiny_model(dest: Path, *, delay_ms_per_call: float = 0.0, delay_ms_per
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
+    auto_map = dict(AUTO_MAP)
+    if deformable:
+        auto_map["AutoModelForImageSegmentation"] = "modeling_deformseg.DeformSegModel"
     config = TinySegConfig(
-        auto_map=dict(AUTO_MAP),
+        auto_map=auto_map,
         delay_ms_per_call=delay_ms_per_call,
         delay_ms_per_image=delay_ms_per_image,
     )
@@ -85,7 +100,34 @@ def build_tiny_model(dest: Path, *, delay_ms_per_call: float = 0.0, delay_ms_per
 
     # save_pretrained draws a progress bar on stderr otherwise.
     hf_logging.disable_progress_bar()
-    model.save_pretrained(dest, safe_serialization=True)
-    for name in CODE_FILES:
+    # GAIN * std and the bias are exact in fp16 to well within a grey level.
+    model.to(getattr(torch, stored_dtype)).save_pretrained(dest, safe_serialization=True)
+    for name in CODE_FILES + ((DEFORMABLE_CODE_FILE,) if deformable else ()):
         shutil.copyfile(CODE_DIR / name, dest / name)
+    return dest
+
+
+# The habits of older BiRefNet / RMBG-2.0 code that break transformers 5's from_pretrained,
+# and the class in tinyseg/modeling_legacyseg.py that reproduces each.
+LEGACY_CLASSES = {
+    "plain_config": "ReplacesConfig",
+    "item_in_init": "ItemInInit",
+    "no_post_init": "NoPostInit",
+    "birefnet_style": "BiRefNetStyle",
+}
+LEGACY_CODE_FILE = "modeling_legacyseg.py"
+
+
+def build_legacy_model(dest: Path, habit: str, **options) -> Path:
+    """The tiny model (same weights, same mask) with model code written in an older style.
+
+    ``habit`` is a key of LEGACY_CLASSES; ``options`` go to build_tiny_model.
+    """
+    dest = build_tiny_model(dest, **options)
+    shutil.copyfile(CODE_DIR / LEGACY_CODE_FILE, dest / LEGACY_CODE_FILE)
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    module = LEGACY_CODE_FILE.removesuffix(".py")
+    config["auto_map"]["AutoModelForImageSegmentation"] = f"{module}.{LEGACY_CLASSES[habit]}"
+    config_path.write_text(json.dumps(config, indent=2))
     return dest

@@ -1,0 +1,354 @@
+"""The pipeline's model stage with fake segmenters: batching by size, GPU out-of-memory, retries.
+
+The Pipeline is the real class, fed real image files through the real decoder and publishing
+into real folders; only the model is a fake, so that a GPU running out of memory (or a model
+failing on one image) can be staged on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+import weakref
+from pathlib import Path, PurePath
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rmbgd.config import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
+from rmbgd.job import Counters, Job
+from rmbgd.pipeline import OUT_OF_GPU_MEMORY, Pipeline
+from rmbgd.publisher import Publisher
+from rmbgd.workarea import Claim
+
+WAIT_S = 30.0
+FOREVER_MS = 60_000  # batches then go out only when full, which makes them deterministic
+
+
+class RecordingLog:
+    """A structlog-like logger, safe to call from the pipeline's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: list[tuple[str, dict]] = []
+
+    def _record(self, event: str, **fields) -> None:
+        fields.pop("exc_info", None)
+        with self._lock:
+            self.events.append((event, fields))
+
+    debug = info = warning = error = critical = _record
+
+    def of(self, name: str) -> list[dict]:
+        with self._lock:
+            return [fields for event, fields in self.events if event == name]
+
+
+class FakeSegmenter:
+    """Opaque masks for every image; records each call's batch.
+
+    ``fails`` decides per call: it gets the list of image sizes (width, height of the
+    originals) and returns an exception to raise, or None.
+    """
+
+    resizes_on_device = False
+
+    def __init__(self, fails=lambda sizes: None) -> None:
+        self.fails = fails
+        self.calls: list[dict] = []
+        self._lock = threading.Lock()
+
+    def predict(self, images, sizes, model_size=None):
+        with self._lock:
+            self.calls.append(
+                {"sizes": list(sizes), "shapes": [image.shape for image in images], "model_size": model_size}
+            )
+        error = self.fails(list(sizes))
+        if error is not None:
+            raise error
+        return [np.full((height, width), 255, dtype=np.uint8) for width, height in sizes]
+
+    def batch_sizes(self) -> list[int]:
+        with self._lock:
+            return [len(call["sizes"]) for call in self.calls]
+
+
+def cuda_oom() -> torch.cuda.OutOfMemoryError:
+    return torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 79.10 GiB"
+    )
+
+
+class Harness:
+    """A real Pipeline over real folders, with files claimed the way the daemon claims them."""
+
+    def __init__(self, root: Path, segmenter, *, batch_size: int, max_wait_ms: int = FOREVER_MS, **model) -> None:
+        self.root = root
+        paths = PathsConfig(
+            inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=root / "done"
+        )
+        for folder in (paths.inbox, paths.outbox, paths.errors, paths.done):
+            folder.mkdir(parents=True)
+        self.work = paths.inbox / ".rmbgd" / "work" / "test-1"
+        self.work.mkdir(parents=True)
+        model.setdefault("input_size", 64)
+        self.cfg = Config(
+            paths=paths,
+            batch=BatchConfig(size=batch_size, max_wait_ms=max_wait_ms),
+            model=ModelConfig(name="fake", device="cpu", **model),
+            pipeline=PipelineConfig(workers=2),
+        )
+        self.log = RecordingLog()
+        self.counters = Counters()
+        self.finished: "queue.Queue[Job]" = queue.Queue()
+        self.pipeline = Pipeline(
+            self.cfg,
+            segmenter,
+            Publisher(paths, owner="test-1"),
+            self.counters,
+            self.log,
+            on_finished=self.finished.put,
+        )
+        self.pipeline.start()
+
+    def submit(self, name: str, width: int, height: int, red: int = 200) -> Job:
+        path = self.work / name
+        Image.new("RGB", (width, height), (red, 10, 10)).save(path)
+        job = Job(claim=Claim(rel=PurePath(name), path=path), input=self.cfg.paths.inbox / name, ready_at=time.monotonic())
+        self.counters.started()
+        self.pipeline.submit(job)
+        return job
+
+    def wait_finished(self, count: int) -> list[Job]:
+        return [self.finished.get(timeout=WAIT_S) for _ in range(count)]
+
+    def outputs(self) -> list[str]:
+        return sorted(path.name for path in self.cfg.paths.outbox.iterdir())
+
+    def sidecar(self, name: str) -> dict:
+        return json.loads((self.cfg.paths.errors / f"{name}.error.json").read_text())
+
+    def stop(self) -> None:
+        self.pipeline.stop_intake()
+        assert self.pipeline.wait(WAIT_S)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    made = []
+
+    def make(segmenter, **options) -> Harness:
+        made.append(Harness(tmp_path / f"run{len(made)}", segmenter, **options))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.stop()
+
+
+# --------------------------------------------------------------------------- GPU out of memory
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_batch_size(harness):
+    fake = FakeSegmenter(fails=lambda sizes: cuda_oom() if len(sizes) > 2 else None)
+    run = harness(fake, batch_size=8)
+    for index in range(8):
+        run.submit(f"p{index}.png", 40, 30)
+    run.wait_finished(8)
+
+    assert fake.batch_sizes() == [8, 4, 2, 2, 4, 2, 2]
+    lowered = run.log.of("batch_size_lowered")
+    assert [(event["was"], event["batch_size"]) for event in lowered] == [(8, 4), (4, 2)]
+    assert all(event["reason"] == OUT_OF_GPU_MEMORY for event in lowered)
+    assert [event["size"] for event in run.log.of("batch_done")] == [2, 2, 2, 2]
+    assert all(event["out_of_memory"] for event in run.log.of("batch_failed"))
+    assert run.outputs() == [f"p{index}.png" for index in range(8)]
+    assert run.counters.snapshot() == {"processed": 8, "failed": 0, "in_flight": 0}
+
+    # For the rest of the run batches hold two images at most, so nothing runs out again.
+    for index in range(4):
+        run.submit(f"q{index}.png", 40, 30)
+    run.wait_finished(4)
+    assert fake.batch_sizes()[7:] == [2, 2]
+    assert len(run.log.of("batch_size_lowered")) == 2
+
+
+def test_only_an_image_that_fails_alone_is_a_failure(harness):
+    # The 500-pixel-wide image does not fit even on its own; the others fit in pairs.
+    def fails(sizes):
+        if any(width == 500 for width, _ in sizes) or len(sizes) > 2:
+            return cuda_oom()
+        return None
+
+    fake = FakeSegmenter(fails=fails)
+    run = harness(fake, batch_size=4)
+    for name, width in [("a.png", 40), ("huge.png", 500), ("b.png", 40), ("c.png", 40)]:
+        run.submit(name, width, 30)
+    run.wait_finished(4)
+
+    assert run.outputs() == ["a.png", "b.png", "c.png"]
+    sidecar = run.sidecar("huge.png")
+    assert (sidecar["stage"], sidecar["error"]) == ("inference", OUT_OF_GPU_MEMORY)
+    (failed,) = run.log.of("file_failed")
+    assert (failed["stage"], failed["error"]) == ("inference", OUT_OF_GPU_MEMORY)
+    assert (run.cfg.paths.errors / "huge.png").is_file()
+    assert run.counters.snapshot() == {"processed": 3, "failed": 1, "in_flight": 0}
+
+
+def test_runtime_error_saying_out_of_memory_counts_too(harness):
+    fake = FakeSegmenter(
+        fails=lambda sizes: RuntimeError("CUDA error: out of memory") if len(sizes) > 1 else None
+    )
+    run = harness(fake, batch_size=2)
+    run.submit("a.png", 40, 30)
+    run.submit("b.png", 40, 30)
+    run.wait_finished(2)
+    assert fake.batch_sizes() == [2, 1, 1]
+    assert [(e["was"], e["batch_size"]) for e in run.log.of("batch_size_lowered")] == [(2, 1)]
+
+
+def test_other_model_errors_are_retried_one_by_one_without_lowering_the_size(harness):
+    def fails(sizes):
+        if any(width == 77 for width, _ in sizes):
+            return ValueError("NaN in the decoder")
+        return None
+
+    fake = FakeSegmenter(fails=fails)
+    run = harness(fake, batch_size=3)
+    for name, width in [("a.png", 40), ("bad.png", 77), ("b.png", 40)]:
+        run.submit(name, width, 30)
+    run.wait_finished(3)
+
+    assert fake.batch_sizes() == [3, 1, 1, 1]
+    assert run.log.of("batch_size_lowered") == []
+    assert run.pipeline.batches.size == 3
+    assert run.outputs() == ["a.png", "b.png"]
+    sidecar = run.sidecar("bad.png")
+    assert (sidecar["stage"], sidecar["error"]) == ("inference", "ValueError: NaN in the decoder")
+
+
+def test_out_of_memory_when_retrying_one_by_one(harness):
+    # A generic failure first, then one image that does not fit on its own.
+    def fails(sizes):
+        if len(sizes) > 1:
+            return RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+        if sizes[0][0] == 500:
+            return cuda_oom()
+        return None
+
+    run = harness(FakeSegmenter(fails=fails), batch_size=2)
+    run.submit("a.png", 40, 30)
+    run.submit("huge.png", 500, 30)
+    run.wait_finished(2)
+    assert run.outputs() == ["a.png"]
+    assert run.sidecar("huge.png")["error"] == OUT_OF_GPU_MEMORY
+
+
+class Allocation:
+    """Stands for GPU memory held by one model call (weak-referenceable, unlike bytes)."""
+
+    def __init__(self, images: int) -> None:
+        self.block = bytearray(images * 1024)
+
+
+class AllocatingSegmenter(FakeSegmenter):
+    """Allocates per call and keeps it in a local, as a real forward pass keeps its activations.
+
+    A raised exception's traceback holds that frame, so an allocation outlives its call for
+    as long as anything keeps the exception: that is the leak this records.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.allocations: list[weakref.ref] = []
+        self.live_at_call: list[int] = []
+
+    def live(self) -> int:
+        return sum(1 for ref in self.allocations if ref() is not None)
+
+    def predict(self, images, sizes, model_size=None):
+        self.live_at_call.append(self.live())
+        activations = Allocation(len(images))
+        self.allocations.append(weakref.ref(activations))
+        if len(images) > self.limit:
+            raise cuda_oom()
+        return super().predict(images, sizes, model_size)
+
+
+def test_no_memory_is_kept_across_batches(harness):
+    fake = AllocatingSegmenter(limit=1)
+    run = harness(fake, batch_size=4)
+    jobs = []
+    for round_ in range(3):
+        jobs += [run.submit(f"r{round_}-{index}.png", 40, 30) for index in range(4)]
+        run.wait_finished(4)
+
+    assert len(fake.allocations) == len(fake.live_at_call) >= 12
+    # Every call, including each retry after an out-of-memory error, starts with nothing
+    # left over from the calls before it.
+    assert fake.live_at_call == [0] * len(fake.live_at_call)
+    assert fake.live() == 0
+    assert all(job.image is None and job.mask is None for job in jobs)
+    assert run.counters.snapshot() == {"processed": 12, "failed": 0, "in_flight": 0}
+
+
+# --------------------------------------------------------------------------- batching by size
+
+
+def test_dynamic_input_sizes_batch_only_images_of_one_size(harness):
+    fake = FakeSegmenter()
+    run = harness(fake, batch_size=2, input_size="dynamic", max_input_size=128)
+    # (100, 60) and (90, 70) both run at 96x64; (200, 100) and (250, 120) at 128x64.
+    for name, width, height in [("a.png", 100, 60), ("w.png", 200, 100), ("b.png", 90, 70), ("x.png", 250, 120)]:
+        run.submit(name, width, height)
+    run.wait_finished(4)
+
+    by_size = {}
+    for call in fake.calls:
+        width, height = call["model_size"]
+        # The pipeline resized each image (on the CPU) to its batch's size.
+        assert call["shapes"] == [(height, width, 3)] * len(call["shapes"])
+        by_size[(width, height)] = sorted(call["sizes"])
+    assert by_size == {(96, 64): [(90, 70), (100, 60)], (128, 64): [(200, 100), (250, 120)]}
+    assert run.outputs() == ["a.png", "b.png", "w.png", "x.png"]
+
+
+def test_dynamic_sizes_on_a_device_that_resizes_get_the_full_image(harness):
+    fake = FakeSegmenter()
+    fake.resizes_on_device = True
+    run = harness(fake, batch_size=1, input_size="dynamic", max_input_size=128)
+    run.submit("a.png", 100, 60)
+    run.wait_finished(1)
+    (call,) = fake.calls
+    assert call["model_size"] == (96, 64)
+    assert call["shapes"] == [(60, 100, 3)]
+
+
+def test_fixed_input_size_passes_the_decoders_square(harness):
+    fake = FakeSegmenter()
+    run = harness(fake, batch_size=2, input_size=64)
+    run.submit("a.png", 100, 60)
+    run.submit("b.png", 30, 300)
+    run.wait_finished(2)
+    (call,) = fake.calls
+    assert call["model_size"] == (64, 64)
+    assert call["shapes"] == [(64, 64, 3), (64, 64, 3)]
+
+
+def test_a_reload_does_not_raise_the_batch_size_above_what_fitted(harness):
+    fake = FakeSegmenter(fails=lambda sizes: cuda_oom() if len(sizes) > 2 else None)
+    run = harness(fake, batch_size=4)
+    for index in range(4):
+        run.submit(f"p{index}.png", 40, 30)
+    run.wait_finished(4)
+    assert run.pipeline.batches.size == 2
+    run.pipeline.apply(dataclasses.replace(run.cfg, batch=BatchConfig(size=8, max_wait_ms=FOREVER_MS)))
+    assert run.pipeline.batches.size == 2
+    run.pipeline.apply(dataclasses.replace(run.cfg, batch=BatchConfig(size=1, max_wait_ms=FOREVER_MS)))
+    assert run.pipeline.batches.size == 1

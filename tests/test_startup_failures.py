@@ -1,0 +1,272 @@
+"""Every way a model can fail to load ends `rmbgd run` with one clear line and exit code 1.
+
+Each case runs the real command (`python -m rmbgd run`) in a subprocess, with HF_HOME in a
+temporary folder. Answers from the Hugging Face hub (a missing or gated model, a wrong
+revision) come from a small local HTTP server standing in for it (HF_ENDPOINT), so these
+tests need no network and always see the same answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.daemon import REPO, subprocess_env
+from tests.support.tinymodel import build_tiny_model
+
+# Generous: a failure is expected within a few seconds of torch's import.
+RUN_TIMEOUT_S = 120
+
+
+class FakeHubHandler(BaseHTTPRequestHandler):
+    """Answers HEAD .../resolve/REVISION/FILE the way huggingface.co does for a few repos."""
+
+    # repo id -> (status, X-Error-Code)
+    ANSWERS = {
+        "rmbgd-tests/missing": (404, "RepoNotFound"),
+        "briaai/RMBG-2.0": (401, "GatedRepo"),
+    }
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        parts = self.path.split("?")[0].strip("/").split("/")
+        repo = "/".join(parts[:2])
+        revision = parts[3] if len(parts) > 3 else ""
+        status, code = self.ANSWERS.get(repo, (500, ""))
+        if repo == "rmbgd-tests/tiny" and revision == "no-such-revision":
+            status, code = 404, "RevisionNotFound"
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # the test's output is for the test
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on: connecting is refused at once, like an unreachable hub."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_config(tmp_path: Path, **model) -> Path:
+    model.setdefault("device", "cpu")
+    model.setdefault("input_size", 64)
+    data = {
+        "paths": {
+            "inbox": str(tmp_path / "inbox"),
+            "outbox": str(tmp_path / "outbox"),
+            "errors": str(tmp_path / "errors"),
+            "done": None,
+        },
+        "model": model,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def hub_env(tmp_path: Path, endpoint: str | None = None, offline: bool = False) -> dict:
+    env = subprocess_env(tmp_path / "hf-home")
+    env.pop("HF_TOKEN", None)
+    env.pop("HUGGING_FACE_HUB_TOKEN", None)
+    if not offline:
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("TRANSFORMERS_OFFLINE", None)
+    if endpoint is not None:
+        env["HF_ENDPOINT"] = endpoint
+    return env
+
+
+def rmbgd(args: list, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rmbgd", *args],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env, cwd=str(REPO),
+    )
+
+
+def startup_failure(config: Path, env: dict) -> str:
+    """Run the daemon, check it failed the way a user error must; return its one line."""
+    result = rmbgd(["run", "--config", str(config)], env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == ""  # not a terminal: everything is in the JSON log
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    failures = [record for record in records if record["event"] == "startup_failed"]
+    assert len(failures) == 1 and records[-1] is failures[0]
+    assert "ready" not in [record["event"] for record in records]
+    error = failures[0]["error"]
+    assert "\n" not in error
+    return error
+
+
+# --------------------------------------------------------------------------- model not found
+
+
+def test_local_model_directory_missing(tmp_path):
+    missing = tmp_path / "models" / "BiRefNet"
+    error = startup_failure(write_config(tmp_path, name=str(missing)), hub_env(tmp_path, offline=True))
+    assert error == (
+        f"model.name: {missing} is not a model directory (no config.json): the path does not exist"
+    )
+
+
+def test_hub_model_not_found(tmp_path, fake_hub):
+    error = startup_failure(
+        write_config(tmp_path, name="rmbgd-tests/missing"), hub_env(tmp_path, fake_hub)
+    )
+    assert error.startswith("model.name: 'rmbgd-tests/missing' was not found on the Hugging Face hub")
+    assert "HF_TOKEN" in error
+
+
+def test_hub_revision_not_found(tmp_path, fake_hub):
+    config = write_config(tmp_path, name="rmbgd-tests/tiny", revision="no-such-revision")
+    error = startup_failure(config, hub_env(tmp_path, fake_hub))
+    assert error == (
+        "model.revision: 'no-such-revision' does not exist in 'rmbgd-tests/tiny' on the Hugging Face hub"
+    )
+
+
+def test_gated_model_without_a_token(tmp_path, fake_hub):
+    error = startup_failure(write_config(tmp_path, name="briaai/RMBG-2.0"), hub_env(tmp_path, fake_hub))
+    assert error.startswith("model.name: 'briaai/RMBG-2.0' is gated on the Hugging Face hub")
+    assert "licence" in error and "https://huggingface.co/briaai/RMBG-2.0" in error
+    assert "HF_TOKEN" in error
+
+
+# --------------------------------------------------------------------------- no hub
+
+
+def test_hf_hub_offline_with_an_empty_cache(tmp_path):
+    started = time.monotonic()
+    error = startup_failure(
+        write_config(tmp_path, name="ZhengPeng7/BiRefNet_lite"), hub_env(tmp_path, offline=True)
+    )
+    assert time.monotonic() - started < 60
+    assert error.startswith(
+        "model.name: cannot download 'ZhengPeng7/BiRefNet_lite' from the Hugging Face hub "
+        "(HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache ("
+    )
+    assert str(tmp_path / "hf-home") in error
+    assert "rmbgd fetch-model --config PATH" in error
+    assert "set model.name to that local directory" in error
+
+
+def test_unreachable_hub_with_an_empty_cache(tmp_path, closed_port):
+    started = time.monotonic()
+    error = startup_failure(
+        write_config(tmp_path, name="ZhengPeng7/BiRefNet", revision="main"),
+        hub_env(tmp_path, f"http://127.0.0.1:{closed_port}"),
+    )
+    assert time.monotonic() - started < 60
+    assert error.startswith(
+        "model.name: cannot download 'ZhengPeng7/BiRefNet' at revision 'main' from the Hugging Face "
+        "hub (no network access?)"
+    )
+    assert "rmbgd fetch-model --config PATH" in error
+
+
+# --------------------------------------------------------------------------- model code
+
+
+def test_model_code_needing_birefnets_packages(tmp_path):
+    missing = [name for name in ("timm", "kornia", "einops") if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("timm, kornia and einops are all installed here")
+    model_dir = build_tiny_model(tmp_path / "needs-timm")
+    modeling = model_dir / "modeling_tinyseg.py"
+    modeling.write_text("".join(f"import {name}\n" for name in missing) + modeling.read_text())
+    error = startup_failure(write_config(tmp_path, name=str(model_dir)), hub_env(tmp_path, offline=True))
+    assert error.startswith("model.name: the model's code needs the Python package")
+    assert f"'{missing[0]}'" in error
+    assert "pip install 'rmbgd[birefnet]'" in error
+
+
+def test_model_code_needing_another_package(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "needs-pkg")
+    modeling = model_dir / "modeling_tinyseg.py"
+    modeling.write_text("import rmbgd_no_such_package\n" + modeling.read_text())
+    error = startup_failure(write_config(tmp_path, name=str(model_dir)), hub_env(tmp_path, offline=True))
+    assert error == (
+        "model.name: the model's code needs the Python package 'rmbgd_no_such_package', "
+        "which is not installed: pip install rmbgd_no_such_package"
+    )
+
+
+def test_remote_code_not_trusted(tmp_path, tiny_model):
+    config = write_config(tmp_path, name=str(tiny_model), trust_remote_code=False)
+    error = startup_failure(config, hub_env(tmp_path, offline=True))
+    assert error == (
+        f"model.trust_remote_code: '{tiny_model}' needs its own Python code to run; "
+        "set model.trust_remote_code: true if you trust that code"
+    )
+
+
+# --------------------------------------------------------------------------- fetch-model
+
+
+def fetch_failure(config: Path, env: dict, *extra: str) -> str:
+    started = time.monotonic()
+    result = rmbgd(["fetch-model", "--config", str(config), *extra], env)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_fetch_model_with_hf_hub_offline(tmp_path):
+    error = fetch_failure(write_config(tmp_path, name="ZhengPeng7/BiRefNet"), hub_env(tmp_path, offline=True))
+    assert error.startswith("model.name: cannot fetch 'ZhengPeng7/BiRefNet': HF_HUB_OFFLINE is set")
+
+
+def test_fetch_model_without_network(tmp_path, closed_port):
+    error = fetch_failure(
+        write_config(tmp_path, name="ZhengPeng7/BiRefNet_lite"),
+        hub_env(tmp_path, f"http://127.0.0.1:{closed_port}"),
+        "--to",
+        str(tmp_path / "models"),
+    )
+    assert error.startswith(
+        "model.name: cannot fetch 'ZhengPeng7/BiRefNet_lite': the Hugging Face hub is out of reach ("
+    )
+    assert not (tmp_path / "models").exists()
+
+
+def test_fetch_model_of_a_gated_model(tmp_path, fake_hub):
+    error = fetch_failure(write_config(tmp_path, name="briaai/RMBG-2.0"), hub_env(tmp_path, fake_hub))
+    assert error.startswith("model.name: 'briaai/RMBG-2.0' is gated on the Hugging Face hub")
+
+
+def test_fetch_model_with_a_bad_config(tmp_path):
+    config = write_config(tmp_path, name="ZhengPeng7/BiRefNet", dtype="half")
+    result = rmbgd(["fetch-model", "--config", str(config)], hub_env(tmp_path, offline=True))
+    assert result.returncode == 2
+    assert result.stderr == "model.dtype: expected auto, float16, bfloat16 or float32, got 'half'\n"
