@@ -41,6 +41,8 @@ from rmbgd.watcher import RESCAN, SCAN_DIR, Watcher, scan, signature_of
 from rmbgd.workarea import Claim, WorkArea
 
 TICK_SECONDS = 0.1
+# Posted by worker threads when a job finishes, so the main loop claims the next file at once.
+WAKE = "wake"
 # How long a drain may take before the daemon gives up and exits anyway (the unclaimed and
 # unfinished files are safe either way); systemd's TimeoutStopSec must stay above this.
 DRAIN_TIMEOUT_SECONDS = 60.0
@@ -330,7 +332,7 @@ class Daemon:
                 self._scan(self.cfg.paths.inbox)
             elif kind == SCAN_DIR:
                 self._scan(path)
-            elif path not in self._backlog_set:
+            elif kind != WAKE and path not in self._backlog_set:
                 self._readiness.observe(path, kind, self._clock())
             try:
                 item = self._events.get_nowait()
@@ -409,6 +411,8 @@ class Daemon:
 
     def _job_finished(self, job: Job) -> None:
         self._work.release_dirs(job.claim)
+        # A slot is free: wake the main loop to claim the next file now, not at the next tick.
+        self._events.put((WAKE, None))
         if job.error is None:
             self._service.file_done()
         else:
