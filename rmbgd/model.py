@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
-from rmbgd.hub import ModelLoadError, locate_model, missing_packages_hint
+from rmbgd.hub import ModelLoadError, _first_line, _log_info, locate_model, missing_packages_hint
 from rmbgd.sizing import dynamic_input_size
 
 __all__ = [
@@ -715,15 +715,3 @@ def _log_warning_event(log: Any, event: str, **fields: Any) -> None:
         _stdlib_log.warning("%s %s", event, fields)
         return
     getattr(log, "warning", log.info)(event, **fields)
-
-
-def _log_info(log: Any, event: str, **fields: Any) -> None:
-    if log is not None:
-        log.info(event, **fields)
-    else:
-        _stdlib_log.info("%s %s", event, fields)
-
-
-def _first_line(value: object) -> str:
-    lines = str(value).strip().splitlines()
-    return lines[0].strip() if lines else "(no message)"
