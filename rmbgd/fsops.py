@@ -216,10 +216,14 @@ def remove_file(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def remove_orphan_temps(root: Path, is_dead: Callable[[str], bool]) -> int:
-    """Delete temp files left under `root` by owners that are no longer running."""
-    removed = 0
-    stack = [root]
+def walk_files(top: Path, skip: Callable[[os.DirEntry], bool] = lambda entry: False) -> Iterator[os.DirEntry]:
+    """Every non-directory entry below `top`, never following symlinks.
+
+    `skip` prunes entries (a skipped folder is not entered). Folders that vanish or cannot be
+    read while the walk goes on are passed over: others (the daemon, users) change these
+    trees at the same time.
+    """
+    stack = [top]
     while stack:
         folder = stack.pop()
         try:
@@ -227,11 +231,20 @@ def remove_orphan_temps(root: Path, is_dead: Callable[[str], bool]) -> int:
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
         for entry in entries:
+            if skip(entry):
+                continue
             if entry.is_dir(follow_symlinks=False):
                 stack.append(Path(entry.path))
-                continue
-            owner = owner_of_temp(entry.name)
-            if owner is not None and is_dead(owner):
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
+            else:
+                yield entry
+
+
+def remove_orphan_temps(root: Path, is_dead: Callable[[str], bool]) -> int:
+    """Delete temp files left under `root` by owners that are no longer running."""
+    removed = 0
+    for entry in walk_files(root):
+        owner = owner_of_temp(entry.name)
+        if owner is not None and is_dead(owner):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
     return removed

@@ -11,7 +11,7 @@ import os
 import stat
 import warnings
 from pathlib import Path, PurePath
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Tuple
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -28,6 +28,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from rmbgd.fsops import walk_files
 from rmbgd.names import is_ignored
 from rmbgd.readiness import Seen, Signature
 
@@ -170,27 +171,15 @@ def scan(top: Path, inbox: Path) -> Iterator[Tuple[Path, os.stat_result]]:
     Yields regular files, symlinks and other non-directories with their lstat; hidden and
     partial names (and the private work area) are skipped.
     """
-    stack = [top]
-    while stack:
-        folder = stack.pop()
+    def outside_or_ignored(entry: os.DirEntry) -> bool:
         try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return is_ignored(PurePath(entry.path).relative_to(inbox))
+        except ValueError:
+            return True
+
+    for entry in walk_files(top, skip=outside_or_ignored):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
             continue
-        for entry in entries:
-            path = Path(entry.path)
-            rel: Optional[PurePath]
-            try:
-                rel = path.relative_to(inbox)
-            except ValueError:
-                continue
-            if is_ignored(rel):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(path)
-            else:
-                yield path, st
+        yield Path(entry.path), st

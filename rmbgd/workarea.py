@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Iterator, List, Optional
 
+from rmbgd.fsops import walk_files
 from rmbgd.names import PRIVATE_DIR
 
 LOCK_NAME = ".lock"
@@ -174,20 +175,17 @@ class WorkArea:
     def _files(top: Path, hidden: bool = False) -> Iterator[Path]:
         """Every non-directory entry below `top` except the lock, without following links;
         hidden entries (intents) only when asked for."""
-        stack = [top]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif folder == top and entry.name == LOCK_NAME:
-                    continue
-                elif hidden or not entry.name.startswith("."):
-                    yield Path(entry.path)
+        top_dir = os.fspath(top)
+
+        def skip(entry: os.DirEntry) -> bool:
+            if entry.is_dir(follow_symlinks=False):
+                return False
+            if entry.name == LOCK_NAME and os.path.dirname(entry.path) == top_dir:
+                return True
+            return not hidden and entry.name.startswith(".")
+
+        for entry in walk_files(top, skip):
+            yield Path(entry.path)
 
 
 def _lock(path: Path) -> Optional[int]:
