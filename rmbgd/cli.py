@@ -1,4 +1,4 @@
-"""Command line: `rmbgd run`, `rmbgd check`, `--version`.
+"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `--version`.
 
 User errors (a bad config, a model that cannot be loaded) end in one readable line and a
 non-zero exit, never a traceback; only a bug in rmbgd itself shows one.
@@ -61,6 +61,42 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", metavar="PATH", help="YAML config file")
     status.add_argument("--state-dir", metavar="DIR", help="read this state folder instead of the config's")
     status.add_argument("--json", action="store_true", help="print the status documents as JSON")
+
+    process = commands.add_parser(
+        "process",
+        help="remove the background of some files or folders once, then exit",
+        description="Process the files given, and every file below the folders given, through the "
+        "daemon's pipeline and model, then exit. Results go to --out, mirroring each file's path below "
+        "the folder it was found in (a file given directly lands at the top). Inputs are never "
+        "changed or moved, unless --done says where to move them after success. Hidden and "
+        "partial-download names inside folders are skipped. On a terminal: a progress bar and a "
+        "summary on stderr; otherwise (or with --json) the daemon's JSON log on stdout, ending with "
+        "a 'summary' event. Exit 0 when every file succeeded, 1 when any failed or the model cannot "
+        "be loaded, 2 for a usage or config error, 130 when interrupted (Ctrl-C finishes the files "
+        "in flight; a second Ctrl-C exits at once).",
+    )
+    process.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files, or folders to process every file below"
+    )
+    process.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if missing)")
+    process.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML config whose model, batch, pipeline, input, output and profiles sections apply "
+        "(its paths and watch sections are ignored); without it the defaults apply",
+    )
+    process.add_argument(
+        "--model",
+        metavar="NAME_OR_DIR",
+        help="Hugging Face model id or local model folder (default: the config's model.name)",
+    )
+    process.add_argument(
+        "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: the config's model.device)"
+    )
+    process.add_argument(
+        "--done", metavar="DIR", help="move each original here after its result is written, mirroring its path"
+    )
+    process.add_argument("--json", action="store_true", help="JSON log lines on stdout even on a terminal")
     return parser
 
 
@@ -72,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fetch_model(args.config, args.to)
     if args.command == "status":
         return _status(args.config, args.state_dir, args.json)
+    if args.command == "process":
+        return _process(args)
     return _run(args.config)
 
 
@@ -172,6 +210,41 @@ def _run(path: str) -> int:
         _startup_failed(log, str(exc))
         return 1
     except Exception:  # the CLI boundary: a bug in rmbgd, logged as JSON with its traceback
+        log.critical("crashed", exc_info=True)
+        return 1
+
+
+def _process(args: argparse.Namespace) -> int:
+    from rmbgd import logs, oneshot
+    from rmbgd.config import ConfigError
+    from rmbgd.daemon import StartupError, stderr_is_terminal
+
+    report = oneshot.TerminalReport(sys.stderr) if stderr_is_terminal() and not args.json else oneshot.Report()
+    logs.configure("info", stream=report.log_stream or sys.stdout)
+    log = logs.get_logger()
+    try:
+        cfg = oneshot.load_settings(args.config, model=args.model, device=args.device)
+    except ConfigError as exc:
+        _startup_failed(log, exc.problems[0], more=exc.problems[1:])
+        return EXIT_USAGE
+    logs.set_level(cfg.logging.level)
+    # After the config, which creates nothing: --out and --done are only created for a run
+    # that can go ahead.
+    try:
+        work = oneshot.plan(args.paths, out=args.out, done=args.done)
+    except oneshot.UsageError as exc:
+        sys.stderr.write(f"rmbgd process: error: {exc}\n")
+        return EXIT_USAGE
+    runner = oneshot.Runner(cfg, work, log, report)
+    runner.install_signal_handlers()
+    try:
+        return runner.run()
+    except StartupError as exc:
+        report.close()
+        _startup_failed(log, str(exc))
+        return 1
+    except Exception:  # the CLI boundary: a bug in rmbgd, logged with its traceback
+        report.close()
         log.critical("crashed", exc_info=True)
         return 1
 

@@ -12,10 +12,12 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from rmbgd.profiles import Profile, compile_glob, glob_problem, output_for
 
 __all__ = [
     "BatchConfig",
@@ -86,10 +88,41 @@ class InputConfig:
     max_pixels: int = 100_000_000
 
 
+# output.format values, and the file suffix each writes.
+FORMAT_SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+MASK_SUFFIX = ".mask.png"
+# output.mask values: no mask file, a mask file next to the result, or only the mask file.
+MASK_NONE, MASK_ALSO, MASK_ONLY = "none", "also", "only"
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Room kept around the subject when cropping: `pixels` on every side plus `fraction` of
+    the subject box's own width (left and right) and height (top and bottom)."""
+
+    pixels: int = 0
+    fraction: float = 0.0
+
+
 @dataclass(frozen=True)
 class OutputConfig:
+    format: str = "png"
+    # (r, g, b) to composite onto; None keeps the transparency.
+    background: tuple[int, int, int] | None = None
+    jpeg_quality: int = 90
+    crop: bool = False
+    crop_padding: Padding = field(default_factory=Padding)
+    mask: str = MASK_NONE
+    # Longest side of the written result; None keeps the input's size.
+    max_size: int | None = None
+    refine_foreground: bool = False
+    keep_exif: bool = False
     png_compress_level: int = 1
     clean_transparent: bool = True
+
+    @property
+    def suffix(self) -> str:
+        return MASK_SUFFIX if self.mask == MASK_ONLY else FORMAT_SUFFIXES[self.format]
 
 
 @dataclass(frozen=True)
@@ -134,7 +167,13 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # First match wins; see profiles.py for the glob rules.
+    profiles: tuple[Profile, ...] = ()
     source: Path | None = None
+
+    def output_for(self, rel: PurePath) -> OutputConfig:
+        """The output settings for the input at `rel` under the inbox."""
+        return output_for(self.profiles, self.output, rel)
 
 
 class ConfigError(Exception):
@@ -478,6 +517,128 @@ def _optional_path(s: _Section, name: str, base_dir: Path) -> Path | None:
     return _absolute(raw, base_dir)
 
 
+_FORMAT_ALIASES = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
+_MASK_VALUES = {False: MASK_NONE, True: MASK_ALSO, "only": MASK_ONLY}
+_COLOUR_RE = re.compile(r"#([0-9a-f]{6}|[0-9a-f]{3})")
+_PADDING_RE = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+
+
+def _parse_output(s: _Section, base: OutputConfig) -> OutputConfig:
+    """The `output` section, or a profile's overrides of it: keys not given keep `base`'s value."""
+
+    def given(name: str, read: Any) -> Any:
+        return read(s) if name in s.data else getattr(base, name)
+
+    fmt = given("format", _output_format)
+    background = given("background", _background)
+    mask = given("mask", _mask_mode)
+    max_size = getattr(base, "max_size")
+    if s.data.get("max_size") is not None:
+        max_size = s.integer("max_size", 0, 1, 1_000_000)
+    elif "max_size" in s.data:
+        max_size = None
+    out = OutputConfig(
+        format=fmt,
+        background=background,
+        jpeg_quality=s.integer("jpeg_quality", base.jpeg_quality, 1, 100),
+        crop=s.boolean("crop", base.crop),
+        crop_padding=given("crop_padding", _padding),
+        mask=mask,
+        max_size=max_size,
+        refine_foreground=s.boolean("refine_foreground", base.refine_foreground),
+        keep_exif=s.boolean("keep_exif", base.keep_exif),
+        png_compress_level=s.integer("png_compress_level", base.png_compress_level, 0, 9),
+        clean_transparent=s.boolean("clean_transparent", base.clean_transparent),
+    )
+    if out.format == "jpeg" and out.background is None and out.mask != MASK_ONLY:
+        s.problems.add(
+            f"{s.name}.format",
+            "jpeg has no transparency: set output.background (e.g. \"#ffffff\") or use png or webp",
+        )
+    return out
+
+
+def _output_format(s: _Section) -> str:
+    value = s.data.get("format")
+    fmt = _FORMAT_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
+    if fmt is None:
+        s.problems.add(s._key("format"), f"expected png, webp or jpeg, got {_describe(value)}")
+        return _BAD
+    return fmt
+
+
+def _background(s: _Section) -> tuple[int, int, int] | None:
+    value = s.data.get("background")
+    if value is None:
+        return None
+    match = _COLOUR_RE.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if match is None:
+        s.problems.add(
+            s._key("background"),
+            f'expected null or a colour like "#ffffff" (quoted: # starts a YAML comment), got {_describe(value)}',
+        )
+        return _BAD
+    digits = match.group(1)
+    if len(digits) == 3:
+        digits = "".join(d * 2 for d in digits)
+    return (int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16))
+
+
+def _mask_mode(s: _Section) -> str:
+    value = s.data.get("mask")
+    key = value.strip().lower() if isinstance(value, str) else value
+    if isinstance(key, (bool, str)) and key in _MASK_VALUES:
+        return _MASK_VALUES[key]
+    s.problems.add(s._key("mask"), f"expected false, true or only, got {_describe(value)}")
+    return _BAD
+
+
+def _padding(s: _Section) -> Padding:
+    value = s.data.get("crop_padding")
+    if _is_int(value) and 0 <= value <= 100_000:
+        return Padding(pixels=value)
+    match = _PADDING_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is not None and float(match.group(1)) <= 1000:
+        return Padding(fraction=float(match.group(1)) / 100.0)
+    s.problems.add(
+        s._key("crop_padding"),
+        f'expected pixels (e.g. 16) or a percentage of the subject\'s size (e.g. "5%"), got {_describe(value)}',
+    )
+    return _BAD
+
+
+def _parse_profiles(raw: object, base: OutputConfig, problems: _Problems) -> tuple[Profile, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.add("profiles", f"expected a list of {{match, output}} mappings, got {_describe(raw)}")
+        return ()
+    profiles = []
+    for index, item in enumerate(raw):
+        key = f"profiles[{index}]"
+        if not isinstance(item, Mapping):
+            problems.add(key, f"expected a mapping with match and output, got {_describe(item)}")
+            continue
+        _check_unknown(item, ["match", "output"], key, problems)
+        glob = item.get("match")
+        reason = "required" if glob is None else None
+        if reason is None and (not isinstance(glob, str) or not glob.strip()):
+            reason = f"expected a glob under the inbox such as 'white/**', got {_describe(glob)}"
+        reason = reason or glob_problem(glob)
+        if reason:
+            problems.add(f"{key}.match", reason)
+        overrides = item.get("output")
+        if not isinstance(overrides, Mapping):
+            problems.add(f"{key}.output", f"expected a mapping of output settings, got {_describe(overrides)}")
+            continue
+        allowed = [f.name for f in dataclasses.fields(OutputConfig)]
+        _check_unknown(overrides, allowed, f"{key}.output", problems)
+        output = _parse_output(_Section(f"{key}.output", overrides, problems), base)
+        if reason is None:
+            profiles.append(Profile(match=glob, output=output, pattern=compile_glob(glob)))
+    return tuple(profiles)
+
+
 def _parse_metrics(s: _Section) -> MetricsConfig:
     port = None
     if s.data.get("port") is not None:
@@ -506,7 +667,7 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
         raise ConfigError(f"{label}: expected a mapping at the top level, got {_describe(data)}")
 
     problems = _Problems()
-    _check_unknown(data, _SECTIONS, "", problems)
+    _check_unknown(data, [*_SECTIONS, "profiles"], "", problems)
     paths = _parse_paths(data, base_dir, problems)
 
     def section(name: str) -> _Section:
@@ -520,15 +681,8 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
     input_cfg = InputConfig(
         max_pixels=s.integer("max_pixels", _default(InputConfig, "max_pixels"), 1)
     )
-    s = section("output")
-    output = OutputConfig(
-        png_compress_level=s.integer(
-            "png_compress_level", _default(OutputConfig, "png_compress_level"), 0, 9
-        ),
-        clean_transparent=s.boolean(
-            "clean_transparent", _default(OutputConfig, "clean_transparent")
-        ),
-    )
+    output = _parse_output(section("output"), OutputConfig())
+    profiles = _parse_profiles(data.get("profiles"), output, problems)
     s = section("pipeline")
     pipeline = PipelineConfig(
         workers=s.integer("workers", _default(PipelineConfig, "workers"), 0),
@@ -551,6 +705,7 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
         logging=logging_cfg,
         state=state,
         metrics=metrics,
+        profiles=profiles,
         source=source,
     )
 

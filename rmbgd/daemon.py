@@ -203,6 +203,7 @@ class Daemon:
                 input=str(self.cfg.paths.inbox / claim.rel),
                 output=str(delivery.output),
                 original=str(delivery.original) if delivery.original is not None else "deleted",
+                **({"also": [str(path) for path in delivery.extra]} if delivery.extra else {}),
                 recovered=True,
             )
         return finished
@@ -293,7 +294,7 @@ class Daemon:
         self._pipeline.apply(applied)
         self._max_in_flight = max(effective_max_in_flight(applied), applied.batch.size)
         self.cfg = applied
-        changed = sorted(k for k in ("watch", "batch", "input", "output", "logging") if getattr(new, k) != getattr(old, k))
+        changed = sorted(k for k in ("watch", "batch", "input", "output", "profiles", "logging") if getattr(new, k) != getattr(old, k))
         self.log.info("reloaded", changed=changed, needs_restart=needs_restart,
                       **({"note": "restart rmbgd to apply " + ", ".join(needs_restart)} if needs_restart else {}))
         self._service.reloaded(applied.logging.progress_seconds)

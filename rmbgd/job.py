@@ -19,7 +19,7 @@ class Job:
     image: Any = None               # DecodedImage once decoded
     mask: Any = None                # (h, w) uint8 once inferred
     batch: Optional[int] = None
-    data: Optional[bytes] = None    # the encoded output, kept until it is safely published
+    files: Optional[list] = None    # the encoded outputs (render.OutputFile), kept until safely published
     size: tuple = (0, 0)            # (width, height), kept after the pixels are released
     attempts: int = 0               # publish/reject retries after environment errors
     stage: Optional[str] = None     # set when the job failed: where,

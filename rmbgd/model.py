@@ -186,6 +186,8 @@ class Segmenter:
         # pool's cores; on the CPU the decoder's Pillow resize stays the only one, so CPU
         # outputs do not depend on this.
         self.resizes_on_device = self._on_cuda if resize_on_device is None else resize_on_device
+        # See "the CPU path in three steps" below.
+        self.splits_work = not self._on_cuda and not self.resizes_on_device
         self._compute_dtype = getattr(torch, dtype)
         self._autocast_dtype: Optional[torch.dtype] = None
         self._set_input_dtype(self._compute_dtype)
@@ -236,6 +238,11 @@ class Segmenter:
             if h <= 0 or w <= 0:
                 raise ValueError(f"image {index}: invalid original size {w}x{h}")
 
+        if self.splits_work:
+            prepared = [self.prepare(image) for image in images]
+            logits = self.predict_prepared(prepared)
+            return [self.finish(one, size) for one, size in zip(logits, sizes)]
+
         with torch.inference_mode():
             pixels = self._upload(images, height, width)
             with self._autocast():
@@ -260,6 +267,43 @@ class Segmenter:
             masks.append(packed_host[offset : offset + h * w].reshape(h, w))
             offset += h * w
         return masks
+
+    # -- the CPU path in three steps ----------------------------------------------------------
+    # On the CPU, normalising the input and turning logits into a full-size mask are plain
+    # CPU work. The pipeline runs `prepare` in its decode pool and `finish` in its encode
+    # pool, so they overlap the next model call instead of running in series with it in the
+    # model thread (bench/RESULTS.md). On a GPU they stay on the device, inside `predict`.
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB at the model size -> the normalised (3, H, W) model input."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
+        if not image.flags.writeable:
+            # torch warns about read-only arrays even though the tensor is only read here.
+            image = image.copy()
+        with torch.inference_mode():
+            pixels = torch.from_numpy(image).permute(2, 0, 1).to(
+                dtype=self._input_dtype, memory_format=torch.contiguous_format
+            )
+            return pixels.mul_(self._scale[0]).add_(self._shift[0])
+
+    def predict_prepared(self, prepared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One model call over `prepare`d inputs of one size; the (1, h, w) float32 logits of each."""
+        with torch.inference_mode():
+            pixels = torch.stack(list(prepared))
+            with self._autocast():
+                output = (self._compiled or self._model)(pixels)
+            return list(_final_logits(output, len(prepared)).float().unbind(0))
+
+    def finish(self, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """(1, h, w) logits from `predict_prepared` -> the (height, width) uint8 mask for `size`."""
+        width, height = (int(v) for v in size)
+        with torch.inference_mode():
+            # Sigmoid and resampling in fp32: fp16 would cost a grey level near the top.
+            probs = logits.unsqueeze(0).sigmoid()
+            full = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+            mask = full.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return mask.reshape(height, width).numpy()
 
     def _target(
         self, images: Sequence[np.ndarray], model_size: Optional[tuple[int, int]]

@@ -27,9 +27,10 @@ from rmbgd.collector import BatchQueue
 from rmbgd.backoff import retry_delay
 from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_workers
 from rmbgd.fsops import NAME_ERRNOS
-from rmbgd.images import ImageError, combine_alpha, decode_image, encode_png
+from rmbgd.images import ImageError, decode_image
 from rmbgd.job import Counters, Job, ms_since
 from rmbgd.publisher import Publisher
+from rmbgd.render import RenderError, render
 from rmbgd.sizing import dynamic_input_size, resize_rgb
 
 # The reason recorded for an image that does not fit in GPU memory even on its own.
@@ -67,6 +68,10 @@ class Pipeline:
         self._dynamic = cfg.model.input_size == DYNAMIC_INPUT_SIZE
         self._decode_size = _UNUSED_DECODE_SIZE if self._dynamic else int(cfg.model.input_size)
         self._resize_on_device = bool(getattr(segmenter, "resizes_on_device", False))
+        # On the CPU the segmenter's pre/postprocessing runs in the pools (see model.py).
+        self._split = bool(getattr(segmenter, "splits_work", False))
+        # Foreground refinement runs where the model does: on the GPU when there is one.
+        self._render_device = str(getattr(segmenter, "device", "cpu"))
         # The largest batch that fitted in GPU memory, once a larger one did not.
         self._memory_limit: Optional[int] = None
         self._model_thread = threading.Thread(target=self._model_loop, name="rmbgd-model", daemon=True)
@@ -152,6 +157,8 @@ class Pipeline:
             size = self._model_size(image.width, image.height)
             if self._dynamic:
                 image = dataclasses.replace(image, model_input=self._dynamic_input(image.rgb, size))
+            if self._split:
+                image = dataclasses.replace(image, model_input=self._segmenter.prepare(image.model_input))
             job.image = image
         except ImageError as exc:
             self.fail(job, "decode", str(exc))
@@ -213,9 +220,7 @@ class Pipeline:
             self._log.info("batch_done", batch=batch_id, size=len(batch), ms=ms, queued=len(self.batches))
             self._on_batch(len(batch), ms)
             for job, mask in zip(batch, masks):
-                job.mask = mask
-                job.ms["infer"] = ms
-                self._track(self._encode_pool.submit(self._encode_and_publish, job))
+                self._inferred(job, mask, ms)
             return
         error, out_of_memory = failure
         self._log.warning(
@@ -251,11 +256,19 @@ class Pipeline:
                 else:
                     self.fail(job, "inference", _describe(exc), exc_info=True)
                 continue
-            job.mask = mask
-            job.ms["infer"] = ms_since(started)
-            self._track(self._encode_pool.submit(self._encode_and_publish, job))
+            self._inferred(job, mask, ms_since(started))
+
+    def _inferred(self, job: Job, mask: Any, ms: float) -> None:
+        job.mask = mask
+        job.ms["infer"] = ms
+        if self._split:
+            # The normalised input is 4x the size of the decoded one; it is not needed again.
+            job.image = dataclasses.replace(job.image, model_input=None)
+        self._track(self._encode_pool.submit(self._encode_and_publish, job))
 
     def _infer(self, batch: List[Job]) -> list:
+        if self._split:
+            return self._segmenter.predict_prepared([job.image.model_input for job in batch])
         first = batch[0].image
         return self._segmenter.predict(
             [job.image.model_input for job in batch],
@@ -264,18 +277,18 @@ class Pipeline:
         )
 
     def _encode_and_publish(self, job: Job) -> None:
-        out = self._cfg.output
+        # Read per file, not per run: a reload may have changed the output settings.
+        out = self._cfg.output_for(job.claim.rel)
         try:
             start = time.monotonic()
-            alpha = combine_alpha(job.mask, job.image.alpha)
-            job.data = encode_png(
-                job.image.rgb,
-                alpha,
-                compress_level=out.png_compress_level,
-                clean_transparent=out.clean_transparent,
-                icc_profile=job.image.icc_profile,
-            )
+            mask = job.mask
+            if self._split:
+                mask = self._segmenter.finish(mask, (job.image.width, job.image.height))
+            job.files = render(job.image, mask, out, device=self._render_device)
             job.ms["encode"] = ms_since(start)
+        except RenderError as exc:
+            self.fail(job, exc.stage, str(exc))
+            return
         except Exception as exc:  # per-file boundary
             self.fail(job, "encode", _describe(exc), exc_info=True)
             return
@@ -286,7 +299,7 @@ class Pipeline:
     def _deliver(self, job: Job) -> None:
         start = time.monotonic()
         try:
-            delivery = self._publisher.deliver(job.claim, job.data)
+            delivery = self._publisher.deliver(job.claim, job.files)
         except OSError as exc:
             if exc.errno in NAME_ERRNOS:
                 self.fail(job, "write", _describe(exc))
@@ -300,13 +313,14 @@ class Pipeline:
             return
         job.ms["write"] = ms_since(start)
         job.ms["total"] = ms_since(job.ready_at)
-        job.data = None
+        job.files = None
         self._counters.finished(ok=True)
         self._log.info(
             "file_done",
             input=str(job.input),
             output=str(delivery.output),
             original=str(delivery.original) if delivery.original is not None else "deleted",
+            **({"also": [str(path) for path in delivery.extra]} if delivery.extra else {}),
             width=job.size[0],
             height=job.size[1],
             batch=job.batch,
@@ -349,7 +363,7 @@ class Pipeline:
     # -- failures ---------------------------------------------------------------------------
     def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
         job.release_image()
-        job.data = None
+        job.files = None
         try:
             rejection = self._publisher.reject(job.claim, stage=stage, error=error)
         except OSError as exc:

@@ -3,15 +3,18 @@
 Delivering a result is journalled so that a crash at any point (SIGKILL, power loss) can
 be finished on restart without a duplicate output and without losing the original:
 
-1. the PNG is written to a hidden temp file in the target folder and fsynced;
-2. an intent (the temp's name and inode) is written next to the claim in the work area;
-3. the temp is hard-linked to its final name (x.png, or x-1.png if taken) and unlinked;
+1. each output (the result, and its mask when asked for) is written to a hidden temp file
+   in the target folder and fsynced;
+2. an intent (the temps' names and inodes) is written next to the claim in the work area;
+3. each temp is hard-linked to its final name (x.png, or x-1.png if taken; x-1.mask.png
+   after it) and unlinked;
 4. the original leaves the work area (to done/, or deleted);
 5. the intent is removed.
 
-On restart `resume` reads a left-over intent: if the final name already holds the temp's
-inode, only steps 4–5 remain; if the temp still exists, steps 3–5; if neither, nothing was
-published and the file is simply processed again.
+On restart `resume` reads a left-over intent: if the result's final name already holds its
+temp's inode, or the temp still exists, the rest of step 3 (names already given are found
+by inode, not given twice) and steps 4–5 remain; if neither, nothing was published and the
+file is simply processed again.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 from rmbgd import __version__
 from rmbgd.config import PathsConfig
@@ -38,6 +41,7 @@ from rmbgd.fsops import (
     write_file_durably,
     write_temp,
 )
+from rmbgd.render import OutputFile
 from rmbgd.workarea import Claim
 
 
@@ -45,6 +49,7 @@ from rmbgd.workarea import Claim
 class Delivery:
     output: Path
     original: Optional[Path]  # where the original went; None when deleted
+    extra: Tuple[Path, ...] = ()  # files published next to the output (its mask)
 
 
 @dataclass(frozen=True)
@@ -68,24 +73,34 @@ class Publisher:
         return self._paths.outbox / rel.parent / shorten_name(PurePath(rel.name).stem, suffix)
 
     # -- success ----------------------------------------------------------------------------
-    def deliver(self, claim: Claim, data: bytes, suffix: str = ".png") -> Delivery:
-        """Publish `data` as the claim's output and retire the original (see module doc)."""
+    def deliver(self, claim: Claim, files: Sequence[OutputFile]) -> Delivery:
+        """Publish `files` (the result first, then e.g. its mask) as the claim's outputs and
+        retire the original (see module doc)."""
+        if not files:
+            raise ValueError("nothing to deliver")
         finished = self.resume(claim)
         if finished is not None:
             return finished
-        target = self.output_target(claim.rel, suffix)
+        target = self.output_target(claim.rel, files[0].suffix)
         self._require_root(self._paths.outbox)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = write_temp(data, target.parent, self._owner)
+        temps: List[Path] = []
         try:
-            st = os.stat(temp)
-            self._write_intent(claim, {"temp": os.fsdecode(temp), "target": os.fsdecode(target),
-                                       "ino": st.st_ino, "dev": st.st_dev})
-            output = link_unique(temp, target)
+            for item in files:
+                temps.append(write_temp(item.data, target.parent, self._owner))
+            entries = []
+            for item, temp in zip(files, temps):
+                st = os.stat(temp)
+                entries.append({"temp": os.fsdecode(temp), "suffix": item.suffix,
+                                "ino": st.st_ino, "dev": st.st_dev})
+            self._write_intent(claim, {"target": os.fsdecode(target), "files": entries})
+            outputs = self._link_all(target, entries)
+            assert outputs is not None, "the temps were written just now"
         finally:
-            temp.unlink(missing_ok=True)
-        fsync_dir(output.parent)
-        return Delivery(output=output, original=self._retire(claim))
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+        fsync_dir(target.parent)
+        return Delivery(output=outputs[0], original=self._retire(claim), extra=tuple(outputs[1:]))
 
     def resume(self, claim: Claim) -> Optional[Delivery]:
         """Finish a delivery a crash interrupted; None when there is none (or nothing was
@@ -93,16 +108,51 @@ class Publisher:
         intent = self._read_intent(claim)
         if intent is None:
             return None
-        temp, target = Path(intent["temp"]), Path(intent["target"])
-        output = find_linked(target, intent["ino"], intent["dev"])
-        if output is None and os.path.lexists(temp):
-            output = link_unique(temp, target)
-            fsync_dir(output.parent)
-        temp.unlink(missing_ok=True)
-        if output is None:
+        target = Path(intent["target"])
+        entries = intent.get("files")
+        if entries is None:
+            # Written by a version that published one file per input.
+            entries = [{"temp": intent["temp"], "suffix": "", "ino": intent["ino"], "dev": intent["dev"]}]
+        first = entries[0]
+        published = find_linked(target, first["ino"], first["dev"]) is not None
+        outputs: Optional[List[Path]] = None
+        if published or os.path.lexists(first["temp"]):
+            outputs = self._link_all(target, entries)
+        for entry in entries:
+            Path(entry["temp"]).unlink(missing_ok=True)
+        if not outputs:
             claim.intent.unlink(missing_ok=True)
             return None
-        return Delivery(output=output, original=self._retire(claim))
+        fsync_dir(target.parent)
+        return Delivery(output=outputs[0], original=self._retire(claim), extra=tuple(outputs[1:]))
+
+    @staticmethod
+    def _link_all(target: Path, entries: List[dict]) -> Optional[List[Path]]:
+        """Give each temp its final name; a repeat after a crash finds the names already given.
+
+        The result takes the first free name among x.png, x-1.png, …; the files after it are
+        named after the name it got (x-1.png → x-1.mask.png), so they stay recognisably a pair.
+        None when a file can no longer be completed (its temp was cleaned up by another
+        instance before it was linked): what was published is withdrawn, so the input is
+        processed again in full rather than left with half its outputs.
+        """
+        outputs: List[Path] = []
+        for index, entry in enumerate(entries):
+            if index == 0:
+                wanted = target
+            else:
+                name = outputs[0].name
+                stem = name[: len(name) - len(target.suffix)] if target.suffix else name
+                wanted = outputs[0].with_name(shorten_name(stem, entry["suffix"]))
+            found = find_linked(wanted, entry["ino"], entry["dev"])
+            if found is None and not os.path.lexists(entry["temp"]):
+                for published in outputs:
+                    published.unlink(missing_ok=True)
+                return None
+            if found is None:
+                found = link_unique(Path(entry["temp"]), wanted)
+            outputs.append(found)
+        return outputs
 
     def _retire(self, claim: Claim) -> Optional[Path]:
         if self._paths.done is None:

@@ -276,12 +276,12 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, MINIMAL_PATHS + "pathz: {}\nfrobnicate: 1\n")
     assert problems[0].startswith(
         "pathz: unknown key (expected one of: paths, watch, batch, model, input, output, "
-        "pipeline, logging, state, metrics)"
+        "pipeline, logging, state, metrics, profiles)"
     )
     assert problems[0].endswith("did you mean 'paths'?")
     assert problems[1] == (
         "frobnicate: unknown key (expected one of: paths, watch, batch, model, input, output, "
-        "pipeline, logging, state, metrics)"
+        "pipeline, logging, state, metrics, profiles)"
     )
 
 

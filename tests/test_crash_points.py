@@ -14,6 +14,7 @@ import pytest
 from rmbgd.config import PathsConfig
 from rmbgd.fsops import TEMP_SUFFIX, remove_orphan_temps
 from rmbgd.publisher import Publisher
+from rmbgd.render import OutputFile
 from rmbgd.workarea import WorkArea
 
 # Each entry: (name, python statements that arm the crash inside the child process).
@@ -21,7 +22,9 @@ from rmbgd.workarea import WorkArea
 DELIVERY_CRASHES = {
     "after_temp_before_intent": "pub._write_intent = lambda *a, **k: die()",
     "after_intent_before_link": "publisher.link_unique = lambda *a, **k: die()",
+    # With a mask file this falls between the result's link and the mask's.
     "after_link_before_temp_unlink": "publisher.link_unique = then_die(publisher.link_unique)",
+    "after_second_link": "publisher.link_unique = then_die(publisher.link_unique, calls=2)",
     "after_publish_before_retire": "pub._retire = lambda *a, **k: die()",
     "before_original_removed": "fsops.remove_file = publisher.remove_file = lambda *a, **k: die()",
     "after_retire_before_intent_removed": "pub._retire = then_die(pub._retire)",
@@ -38,19 +41,25 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from rmbgd import fsops, publisher
     from rmbgd.config import PathsConfig
+    from rmbgd.render import OutputFile
     from rmbgd.workarea import WorkArea
 
     def die():
         os._exit(9)
 
-    def then_die(fn):
+    def then_die(fn, calls=1):
+        seen = []
         def wrapped(*a, **k):
-            fn(*a, **k)
-            die()
+            result = fn(*a, **k)
+            seen.append(1)
+            if len(seen) >= calls:
+                die()
+            return result
         return wrapped
 
     root, action, arm = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     done = None if sys.argv[4] == "none" else root / "done"
+    files = [OutputFile(".png", b"PNG-BYTES"), OutputFile(".mask.png", b"MASK-BYTES")][: int(sys.argv[5])]
     paths = PathsConfig(inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=done)
     work = WorkArea(paths.inbox, instance="victim")
     work.open()
@@ -58,7 +67,7 @@ CHILD = textwrap.dedent(
     pub = publisher.Publisher(paths, owner="victim")
     exec(arm)
     if action == "deliver":
-        pub.deliver(claim, b"PNG-BYTES")
+        pub.deliver(claim, files)
     else:
         pub.reject(claim, stage="decode", error="broken")
     os._exit(0)
@@ -73,12 +82,15 @@ def setup_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def crash_child(root: Path, action: str, arm: str, done: str = "done") -> int:
-    result = subprocess.run([sys.executable, "-c", CHILD, str(root), action, arm, done], timeout=60)
+def crash_child(root: Path, action: str, arm: str, done: str = "done", files: int = 1) -> int:
+    command = [sys.executable, "-c", CHILD, str(root), action, arm, done, str(files)]
+    result = subprocess.run(command, timeout=60)
     return result.returncode
 
 
-def recover(root: Path, done: str = "done"):
+def recover(root: Path, done: str = "done", temps_first: bool = False):
+    """What a restarted daemon does before `ready`: resume the claims, then remove the dead
+    owner's temp files (`temps_first` swaps the two, as another instance's clean-up may)."""
     paths = PathsConfig(
         inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors",
         done=None if done == "none" else root / "done",
@@ -87,31 +99,50 @@ def recover(root: Path, done: str = "done"):
     work.open()
     pub = Publisher(paths, owner="rescuer")
     claims = work.recover()
-    for base in (paths.outbox, paths.errors, root / "done"):
-        remove_orphan_temps(base, work.is_dead)
-    return work, pub, claims
+
+    def remove_temps():
+        for base in (paths.outbox, paths.errors, root / "done"):
+            remove_orphan_temps(base, work.is_dead)
+
+    if temps_first:
+        remove_temps()
+        return work, pub, claims, lambda: None
+    return work, pub, claims, remove_temps
 
 
 def files_under(folder: Path):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
+OUTPUTS = [OutputFile(".png", b"PNG-BYTES"), OutputFile(".mask.png", b"MASK-BYTES")]
+
+
 @pytest.mark.parametrize("point", sorted(DELIVERY_CRASHES))
 @pytest.mark.parametrize("done", ["done", "none"])
-def test_delivery_survives_a_crash_at(point, done, tmp_path):
+@pytest.mark.parametrize("files", [1, 2], ids=["result", "result+mask"])
+@pytest.mark.parametrize("temps_first", [False, True], ids=["resume-first", "temps-removed-first"])
+def test_delivery_survives_a_crash_at(point, done, files, temps_first, tmp_path):
+    if point == "after_second_link" and files == 1:
+        pytest.skip("only one file is linked")
     root = setup_root(tmp_path)
-    assert crash_child(root, "deliver", DELIVERY_CRASHES[point], done) == 9, "the crash did not fire"
+    code = crash_child(root, "deliver", DELIVERY_CRASHES[point], done, files)
+    assert code == 9, "the crash did not fire"
 
-    work, pub, claims = recover(root, done)
+    work, pub, claims, remove_temps = recover(root, done, temps_first)
     for claim in claims:
         delivered = pub.resume(claim)
         if delivered is None:  # nothing was published yet: process it again
-            delivered = pub.deliver(claim, b"PNG-BYTES")
+            delivered = pub.deliver(claim, OUTPUTS[:files])
+        assert [p.name for p in delivered.extra] == ["x.mask.png"][: files - 1]
         work.release_dirs(claim)
+    remove_temps()
     work.close()
 
-    assert files_under(root / "outbox") == ["a/x.png"], "exactly one output, no temp, no x-1"
+    expected = ["a/x.mask.png", "a/x.png"] if files == 2 else ["a/x.png"]
+    assert files_under(root / "outbox") == expected, "each output once, no temp, no x-1"
     assert (root / "outbox" / "a" / "x.png").read_bytes() == b"PNG-BYTES"
+    if files == 2:
+        assert (root / "outbox" / "a" / "x.mask.png").read_bytes() == b"MASK-BYTES"
     if done == "done":
         assert files_under(root / "done") == ["a/x.jpg"], "the original exactly once"
         assert (root / "done" / "a" / "x.jpg").read_bytes() == b"ORIGINAL"
@@ -126,10 +157,11 @@ def test_rejection_survives_a_crash_at(point, tmp_path):
     root = setup_root(tmp_path)
     assert crash_child(root, "reject", REJECT_CRASHES[point]) == 9, "the crash did not fire"
 
-    work, pub, claims = recover(root)
+    work, pub, claims, remove_temps = recover(root)
     assert len(claims) == 1, "the input must still be claimed after the crash"
     rejection = pub.reject(claims[0], stage="decode", error="broken")
     work.release_dirs(claims[0])
+    remove_temps()
     work.close()
 
     assert files_under(root / "errors") == ["a/x.jpg", "a/x.jpg.error.json"]
@@ -151,3 +183,37 @@ def test_orphan_temps_of_live_owners_are_kept(tmp_path):
     me.open()
     assert remove_orphan_temps(root / "outbox", me.is_dead) == 1
     assert files_under(root / "outbox") == [f".alive.0123456789ab{TEMP_SUFFIX}"]
+
+
+def test_an_intent_from_the_one_file_format_is_still_resumed(tmp_path):
+    """An upgrade across a crash: the intent the previous version wrote is finished."""
+    root = setup_root(tmp_path)
+    paths = PathsConfig(inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=root / "done")
+    work = WorkArea(paths.inbox, instance="old")
+    work.open()
+    claim = work.claim(paths.inbox / "a" / "x.jpg")
+    (root / "outbox" / "a").mkdir()
+    temp = root / "outbox" / "a" / f".old.0123456789ab{TEMP_SUFFIX}"
+    temp.write_bytes(b"PNG-BYTES")
+    st = temp.stat()
+    target = root / "outbox" / "a" / "x.png"
+    claim.intent.write_text(json.dumps({"temp": str(temp), "target": str(target), "ino": st.st_ino, "dev": st.st_dev}))
+
+    delivered = Publisher(paths, owner="old").resume(claim)
+    assert delivered is not None and delivered.output == target and delivered.extra == ()
+    assert target.read_bytes() == b"PNG-BYTES" and not temp.exists()
+    assert files_under(root / "done") == ["a/x.jpg"]
+
+
+def test_a_taken_name_moves_the_mask_along_with_the_result(tmp_path):
+    root = setup_root(tmp_path)
+    paths = PathsConfig(inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=None)
+    (root / "outbox" / "a").mkdir()
+    (root / "outbox" / "a" / "x.png").write_bytes(b"someone else's")
+    work = WorkArea(paths.inbox, instance="me")
+    work.open()
+    delivered = Publisher(paths, owner="me").deliver(work.claim(paths.inbox / "a" / "x.jpg"), OUTPUTS)
+    assert delivered.output.name == "x-1.png"
+    assert [p.name for p in delivered.extra] == ["x-1.mask.png"]
+    assert (root / "outbox" / "a" / "x.png").read_bytes() == b"someone else's"
+    assert delivered.extra[0].read_bytes() == b"MASK-BYTES"

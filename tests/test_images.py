@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, ImageOps
+from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from rmbgd import images
 from rmbgd.images import (
@@ -274,20 +274,38 @@ def test_ycbcr_tiff(tmp_path):
 # --------------------------------------------------------------------------- wide modes
 
 
+def to_8_bit(values) -> np.ndarray:
+    """The reference for every 16-bit reduction: round(v * 255 / 65535), in floats."""
+    return np.rint(np.asarray(values, np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def test_reference_rounding_differs_from_truncation():
+    # Guards the tests below: they would prove nothing if rounding and truncation agreed.
+    values = np.array([0, 200, 255, 256, 32896, 51200, 65535])
+    assert to_8_bit(values).tolist() == [0, 1, 1, 1, 128, 199, 255]
+    assert (values >> 8).tolist() == [0, 0, 0, 1, 128, 200, 255]
+
+
+def test_round_16_to_8_is_exact_for_every_value():
+    values = np.arange(65536)
+    high, low = (values >> 8).astype(np.uint8), (values & 255).astype(np.uint8)
+    np.testing.assert_array_equal(images._round_16_to_8(high, low), to_8_bit(values))
+
+
 def wide_grey() -> np.ndarray:
     values = np.random.default_rng(8).integers(0, 65536, (H, W), dtype=np.uint16)
-    values[0, :4] = (0, 255, 256, 65535)
+    values[0, :6] = (0, 255, 256, 65535, 51200, 32896)
     return values
 
 
 @pytest.mark.parametrize("suffix", ["png", "tiff"])
-def test_16_bit_greyscale_keeps_high_byte(tmp_path, suffix):
+def test_16_bit_greyscale_rounds(tmp_path, suffix):
     values = wide_grey()
     image = Image.fromarray(values)
     assert image.mode == "I;16"
     decoded = decode(save(tmp_path, f"g16.{suffix}", image))
-    np.testing.assert_array_equal(decoded.rgb, grey_to_rgb((values >> 8).astype(np.uint8)))
-    assert decoded.rgb[0, :4, 0].tolist() == [0, 0, 1, 255]
+    np.testing.assert_array_equal(decoded.rgb, grey_to_rgb(to_8_bit(values)))
+    assert decoded.rgb[0, :6, 0].tolist() == [0, 1, 1, 255, 199, 128]
 
 
 def test_16_bit_big_endian_tiff(tmp_path):
@@ -297,7 +315,7 @@ def test_16_bit_big_endian_tiff(tmp_path):
     path = save(tmp_path, "g16b.tiff", image)
     with Image.open(path) as reopened:
         assert reopened.mode == "I;16B"
-    np.testing.assert_array_equal(decode(path).rgb, grey_to_rgb((values >> 8).astype(np.uint8)))
+    np.testing.assert_array_equal(decode(path).rgb, grey_to_rgb(to_8_bit(values)))
 
 
 def test_32_bit_integer_tiff_is_read_as_16_bit_range(tmp_path):
@@ -306,8 +324,7 @@ def test_32_bit_integer_tiff_is_read_as_16_bit_range(tmp_path):
     image = Image.fromarray(values)
     assert image.mode == "I"
     decoded = decode(save(tmp_path, "i32.tiff", image))
-    expected = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-    np.testing.assert_array_equal(decoded.rgb, grey_to_rgb(expected))
+    np.testing.assert_array_equal(decoded.rgb, grey_to_rgb(to_8_bit(np.clip(values, 0, 65535))))
     assert decoded.rgb[1, :3, 0].tolist() == [0, 255, 255]
 
 
@@ -327,55 +344,194 @@ def test_float_tiff(tmp_path):
     assert decoded.rgb[0, :6, 0].tolist() == [0, 12, 13, 255, 255, 0]
 
 
+def wide_colour(channels: int, seed: int, h: int = H, w: int = W) -> np.ndarray:
+    values = np.random.default_rng(seed).integers(0, 65536, (h, w, channels), dtype=np.uint16)
+    values[0, :5, 0] = (200, 255, 32896, 51200, 65535)  # where truncation is off by one
+    return values
+
+
 def rows_16_bit(values: np.ndarray) -> bytes:
     h = values.shape[0]
     raw = values.astype(">u2").reshape(h, -1).view(np.uint8)
     return zlib.compress(np.hstack((np.zeros((h, 1), np.uint8), raw)).tobytes())
 
 
-def test_16_bit_rgb_png(tmp_path):
-    values = np.random.default_rng(10).integers(0, 65536, (H, W, 3), dtype=np.uint16)
+def paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def filtered_rows_16_bit(values: np.ndarray) -> bytes:
+    """PNG scanlines using all five filter types in turn (None, Sub, Up, Average, Paeth)."""
+    h = values.shape[0]
+    raw = values.astype(">u2").reshape(h, -1).view(np.uint8).astype(np.int32)
+    bpp = 2 * values.shape[2]
+    up = np.vstack((np.zeros((1, raw.shape[1]), np.int32), raw[:-1]))
+    left = np.hstack((np.zeros((h, bpp), np.int32), raw[:, :-bpp]))
+    up_left = np.hstack((np.zeros((h, bpp), np.int32), up[:, :-bpp]))
+    predictions = [0, left, up, (left + up) // 2, paeth(left, up, up_left)]
+    lines = []
+    for row in range(h):
+        kind = row % 5
+        prediction = predictions[kind] if kind == 0 else predictions[kind][row]
+        lines.append(bytes([kind]) + ((raw[row] - prediction) % 256).astype(np.uint8).tobytes())
+    return zlib.compress(b"".join(lines))
+
+
+@pytest.mark.parametrize("rows", [rows_16_bit, filtered_rows_16_bit])
+def test_16_bit_rgb_png_rounds(tmp_path, rows):
+    values = wide_colour(3, seed=10)
     path = tmp_path / "rgb16.png"
-    path.write_bytes(handmade_png(W, H, 16, 2, rows_16_bit(values)))
+    path.write_bytes(handmade_png(W, H, 16, 2, rows(values)))
     decoded = decode(path)
-    np.testing.assert_array_equal(decoded.rgb, (values >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values))
     assert decoded.alpha is None
 
 
-def test_16_bit_rgba_png(tmp_path):
-    values = np.random.default_rng(11).integers(0, 65536, (H, W, 4), dtype=np.uint16)
+@pytest.mark.parametrize("rows", [rows_16_bit, filtered_rows_16_bit])
+def test_16_bit_rgba_png_rounds(tmp_path, rows):
+    values = wide_colour(4, seed=11)
+    values[1, :3, 3] = (200, 51200, 65535)
     path = tmp_path / "rgba16.png"
-    path.write_bytes(handmade_png(W, H, 16, 6, rows_16_bit(values)))
+    path.write_bytes(handmade_png(W, H, 16, 6, rows(values)))
     decoded = decode(path)
-    np.testing.assert_array_equal(decoded.rgb, (values[..., :3] >> 8).astype(np.uint8))
-    np.testing.assert_array_equal(decoded.alpha, (values[..., 3] >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values[..., :3]))
+    np.testing.assert_array_equal(decoded.alpha, to_8_bit(values[..., 3]))
 
 
-def handmade_rgb16_tiff(values: np.ndarray) -> bytes:
-    """Uncompressed little-endian 16-bit RGB TIFF (Pillow cannot write one)."""
-    h, w, _ = values.shape
-    pixels = values.astype("<u2").tobytes()
-    tags = 10
-    bits_offset = 8 + 2 + 12 * tags + 4
-    pixels_offset = bits_offset + 6
+def test_every_16_bit_value_rounds_exactly_in_png(tmp_path):
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    rgb = np.dstack((values, values[::-1], values.T))
+    path = tmp_path / "all16.png"
+    path.write_bytes(handmade_png(256, 256, 16, 2, filtered_rows_16_bit(rgb)))
+    np.testing.assert_array_equal(decode(path).rgb, to_8_bit(rgb))
+
+
+def test_16_bit_rgb_png_colour_key_matches_all_16_bits(tmp_path):
+    values = wide_colour(3, seed=12)
+    key = (1000, 2000, 3000)
+    values[4, 5] = key
+    values[6, 7] = (1001, 2000, 3000)  # same high bytes: only the full value tells them apart
+    ihdr = struct.pack(">IIBBBBB", W, H, 16, 2, 0, 0, 0)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"tRNS", struct.pack(">3H", *key))
+        + png_chunk(b"IDAT", rows_16_bit(values))
+        + png_chunk(b"IEND", b"")
+    )
+    path = tmp_path / "key16.png"
+    path.write_bytes(data)
+    decoded = decode(path)
+    expected = np.full((H, W), 255, np.uint8)
+    expected[4, 5] = 0
+    np.testing.assert_array_equal(decoded.alpha, expected)
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values))
+
+
+def handmade_tiff_16(
+    values: np.ndarray, *, order: str = "<", compression: int = 1, extra: int | None = None, make: bytes = b""
+) -> bytes:
+    """A 16-bit RGB(A) TIFF in one strip (Pillow cannot write one); ``compression`` 8 is
+    deflate, which Pillow hands to libtiff; ``extra`` is the ExtraSamples value of a
+    fourth sample (0 unspecified, 1 premultiplied alpha, 2 straight alpha); ``make`` (at
+    most 3 bytes) becomes an EXIF Make tag, which Pillow reads from the file itself."""
+    h, w, samples = values.shape
+    pixels = values.astype(f"{order}u2").tobytes()
+    if compression == 8:
+        pixels = zlib.compress(pixels)
     entries = [
-        (256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bits_offset), (259, 3, 1, 1), (262, 3, 1, 2),
-        (273, 4, 1, pixels_offset), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels)), (284, 3, 1, 1),
+        (256, 3, 1, w), (257, 3, 1, h), (258, 3, samples, None), (259, 3, 1, compression), (262, 3, 1, 2),
+        (273, 4, 1, None), (277, 3, 1, samples), (278, 3, 1, h), (279, 4, 1, len(pixels)), (284, 3, 1, 1),
     ]
-    ifd = struct.pack("<H", tags)
+    if make:
+        inline = int.from_bytes(make.ljust(4, b"\x00"), "little" if order == "<" else "big")
+        entries.insert(5, (271, 2, len(make) + 1, inline))  # after 262: tags stay in order
+    if extra is not None:
+        entries.append((338, 3, 1, extra))
+    bits_offset = 8 + 2 + 12 * len(entries) + 4
+    pixels_offset = bits_offset + 2 * samples
+    ifd = struct.pack(f"{order}H", len(entries))
     for tag, kind, count, value in entries:
-        packed = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
-        ifd += struct.pack("<HHI", tag, kind, count) + packed
-    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<3H", 16, 16, 16) + pixels
+        value = bits_offset if tag == 258 else pixels_offset if tag == 273 else value
+        packed = struct.pack(f"{order}HH", value, 0) if kind == 3 and count == 1 else struct.pack(f"{order}I", value)
+        ifd += struct.pack(f"{order}HHI", tag, kind, count) + packed
+    head = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(f"{order}I", 8)
+    return head + ifd + struct.pack(f"{order}I", 0) + struct.pack(f"{order}{samples}H", *([16] * samples)) + pixels
 
 
-def test_16_bit_rgb_tiff(tmp_path):
-    values = np.random.default_rng(17).integers(0, 65536, (H, W, 3), dtype=np.uint16)
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("compression", [1, 8])
+def test_16_bit_rgb_tiff_rounds(tmp_path, order, compression):
+    values = wide_colour(3, seed=17)
     path = tmp_path / "rgb16.tiff"
-    path.write_bytes(handmade_rgb16_tiff(values))
+    path.write_bytes(handmade_tiff_16(values, order=order, compression=compression))
+    with Image.open(path) as im:
+        codec = im.tile[0][0]
+    assert codec == ("raw" if compression == 1 else "libtiff")
     decoded = decode(path)
     assert decoded.format == "TIFF"
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values))
+
+
+@pytest.mark.parametrize("compression", [1, 8])
+def test_16_bit_tiff_keeps_its_exif_after_the_second_decode(tmp_path, compression):
+    # TIFF EXIF is read from the open file, after the low-byte decode has used it too.
+    values = wide_colour(3, seed=21)
+    path = tmp_path / "rgb16exif.tiff"
+    path.write_bytes(handmade_tiff_16(values, compression=compression, make=b"Ac"))
+    decoded = decode(path)
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values))
+    assert parse_exif(decoded.exif)[ExifTags.Base.Make] == "Ac"
+
+
+@pytest.mark.parametrize("compression", [1, 8])
+def test_16_bit_rgba_and_rgbx_tiff_round(tmp_path, compression):
+    values = wide_colour(4, seed=18)
+    path = tmp_path / "rgba16.tiff"
+    path.write_bytes(handmade_tiff_16(values, compression=compression, extra=2))
+    decoded = decode(path)
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values[..., :3]))
+    np.testing.assert_array_equal(decoded.alpha, to_8_bit(values[..., 3]))
+    path.write_bytes(handmade_tiff_16(values, compression=compression, extra=0))
+    decoded = decode(path)
+    np.testing.assert_array_equal(decoded.rgb, to_8_bit(values[..., :3]))
+    assert decoded.alpha is None
+
+
+def test_premultiplied_16_bit_tiff_keeps_pillows_reading(tmp_path):
+    # Pillow un-premultiplies the high bytes itself; the low-byte trick cannot follow it
+    # there, so these files stay exactly as Pillow reads them.
+    values = wide_colour(4, seed=19)
+    values[..., :3] = np.minimum(values[..., :3], values[..., 3:])
+    path = tmp_path / "rgba16p.tiff"
+    path.write_bytes(handmade_tiff_16(values, extra=1))
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGBA"))
+    decoded = decode(path)
+    np.testing.assert_array_equal(decoded.rgb, expected[..., :3])
+    np.testing.assert_array_equal(decoded.alpha, expected[..., 3])
+
+
+def test_failing_low_byte_decode_falls_back_to_truncation(tmp_path, monkeypatch):
+    values = wide_colour(3, seed=20)
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(handmade_png(W, H, 16, 2, rows_16_bit(values)))
+    # A raw mode Pillow has no unpacker for: the second decode raises inside Pillow.
+    monkeypatch.setitem(images._OTHER_BYTE_RAWMODES, "RGB;16B", "RGB;99Q")
+    decoded = decode(path)
     np.testing.assert_array_equal(decoded.rgb, (values >> 8).astype(np.uint8))
+
+
+def test_8_bit_inputs_are_decoded_once(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(images, "_decode_low_bytes", lambda *args: calls.append(args))
+    rgba = Image.fromarray(np.dstack((pattern(), pattern()[..., 0])))
+    decode(save(tmp_path, "x.png", rgba))
+    decode(save(tmp_path, "x.tiff", rgba))
+    decode(save(tmp_path, "x.jpg", rgba.convert("RGB")))
+    assert calls == []
 
 
 def test_lab_tiff_converts_like_pillow(tmp_path):
@@ -479,6 +635,75 @@ def test_broken_exif_is_ignored(tmp_path):
     path = save(tmp_path, "badexif.jpg", Image.fromarray(rgb), exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xf0junk")
     decoded = decode(path)
     assert decoded.rgb.shape == (H, W, 3)
+    assert decoded.exif is None
+
+
+# --------------------------------------------------------------------------- EXIF kept for outputs
+
+
+def rich_exif(orientation: int = 6) -> Image.Exif:
+    exif = exif_with_orientation(orientation)
+    exif[ExifTags.Base.Make] = "Acme"
+    exif[ExifTags.Base.Model] = "Snapper 3"
+    exif[ExifTags.Base.DateTime] = "2024:05:06 07:08:09"
+    exif[ExifTags.Base.XResolution] = 300.0
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = "2024:05:06 07:08:00"
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] = "N"
+    return exif
+
+
+def parse_exif(blob: bytes) -> Image.Exif:
+    # The blob must be the bare TIFF structure the encoders expect, not JPEG's APP1 form.
+    assert blob.startswith((b"II*\x00", b"MM\x00*"))
+    exif = Image.Exif()
+    exif.load(blob)
+    return exif
+
+
+@pytest.mark.parametrize(("suffix", "params"), [("jpg", JPEG), ("png", {}), ("webp", {"lossless": True})])
+def test_exif_is_kept_with_orientation_reset(tmp_path, suffix, params):
+    rgb = smooth_pattern()
+    decoded = decode(save(tmp_path, f"e.{suffix}", Image.fromarray(rgb), exif=rich_exif(6), **params))
+    assert decoded.rgb.shape == (W, H, 3)  # turned upright, so orientation 1 is now true
+    exif = parse_exif(decoded.exif)
+    assert exif[ExifTags.Base.Orientation] == 1
+    assert exif[ExifTags.Base.Make] == "Acme" and exif[ExifTags.Base.Model] == "Snapper 3"
+    assert exif[ExifTags.Base.DateTime] == "2024:05:06 07:08:09"
+    assert exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] == "2024:05:06 07:08:00"
+    assert exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] == "N"
+    assert ExifTags.Base.XResolution not in exif  # the result's print size is not the source's
+    assert "exif=True" in repr(decoded)
+
+
+def test_tiff_exif_leaves_the_files_own_layout_tags_behind(tmp_path):
+    decoded = decode(save(tmp_path, "e.tiff", Image.fromarray(pattern()), exif=rich_exif(3)))
+    np.testing.assert_array_equal(decoded.rgb, pattern()[::-1, ::-1])
+    exif = parse_exif(decoded.exif)
+    assert exif[ExifTags.Base.Orientation] == 1 and exif[ExifTags.Base.Make] == "Acme"
+    for tag in (ExifTags.Base.ImageWidth, ExifTags.Base.StripOffsets, ExifTags.Base.BitsPerSample):
+        assert tag not in exif
+
+
+@pytest.mark.parametrize(("suffix", "params"), [("jpg", JPEG), ("png", {}), ("webp", {"lossless": True}), ("tiff", {})])
+def test_no_exif_or_orientation_only_gives_none(tmp_path, suffix, params):
+    plain = decode(save(tmp_path, f"plain.{suffix}", Image.fromarray(smooth_pattern()), **params))
+    assert plain.exif is None
+    assert "exif=False" in repr(plain)
+    image = Image.fromarray(smooth_pattern())
+    turned = decode(save(tmp_path, f"o.{suffix}", image, exif=exif_with_orientation(8), **params))
+    assert turned.rgb.shape == (W, H, 3)
+    assert turned.exif is None  # once reset, nothing of the input's EXIF is left to carry
+
+
+def test_exif_that_cannot_be_written_back_is_dropped(tmp_path, monkeypatch):
+    path = save(tmp_path, "e.jpg", Image.fromarray(smooth_pattern()), exif=rich_exif(1), **JPEG)
+
+    def refuse(self, offset=8):
+        raise struct.error("cannot pack")
+
+    monkeypatch.setattr(Image.Exif, "tobytes", refuse)
+    decoded = decode(path)
+    assert decoded.exif is None and decoded.rgb.shape == (H, W, 3)
 
 
 # --------------------------------------------------------------------------- result shape

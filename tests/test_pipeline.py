@@ -352,3 +352,62 @@ def test_a_reload_does_not_raise_the_batch_size_above_what_fitted(harness):
     assert run.pipeline.batches.size == 2
     run.pipeline.apply(dataclasses.replace(run.cfg, batch=BatchConfig(size=1, max_wait_ms=FOREVER_MS)))
     assert run.pipeline.batches.size == 1
+
+
+# --------------------------------------------------------------------------- the CPU path
+
+
+class ThreadRecordingSegmenter:
+    """A real Segmenter (the tiny model on the CPU) that notes which thread runs each step."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.splits_work = real.splits_work
+        self.resizes_on_device = real.resizes_on_device
+        self.device = real.device
+        self.threads: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def _note(self, step: str) -> None:
+        with self._lock:
+            self.threads.setdefault(step, set()).add(threading.current_thread().name.rsplit("_", 1)[0])
+
+    def prepare(self, image):
+        self._note("prepare")
+        return self._real.prepare(image)
+
+    def predict_prepared(self, prepared):
+        self._note("predict_prepared")
+        return self._real.predict_prepared(prepared)
+
+    def finish(self, logits, size):
+        self._note("finish")
+        return self._real.finish(logits, size)
+
+    def predict(self, *args, **kwargs):
+        self._note("predict")
+        return self._real.predict(*args, **kwargs)
+
+
+def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model):
+    from rmbgd.model import load_segmenter
+    from tests.support.tinymodel import alpha_for_rgb
+
+    real = load_segmenter(ModelConfig(name=str(tiny_model), device="cpu", input_size=64))
+    assert real.splits_work
+    segmenter = ThreadRecordingSegmenter(real)
+    run = harness(segmenter, batch_size=2)
+    run.submit("a.png", 40, 30, red=255)
+    run.submit("b.png", 50, 20, red=0)
+    run.wait_finished(2)
+
+    assert segmenter.threads == {
+        "prepare": {"rmbgd-decode"},
+        "predict_prepared": {"rmbgd-model"},
+        "finish": {"rmbgd-encode"},
+    }
+    a = np.asarray(Image.open(run.cfg.paths.outbox / "a.png"))
+    b = np.asarray(Image.open(run.cfg.paths.outbox / "b.png"))
+    assert a.shape == (30, 40, 4) and b.shape == (20, 50, 4)
+    assert (a[..., 3] == alpha_for_rgb(255, 10, 10)).all()
+    assert (b[..., 3] == alpha_for_rgb(0, 10, 10)).all()

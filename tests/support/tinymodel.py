@@ -63,6 +63,7 @@ def build_tiny_model(
     delay_ms_per_image: float = 0.0,
     stored_dtype: str = "float32",
     deformable: bool = False,
+    sample_stride: int = 1,
 ) -> Path:
     """Write config.json, model.safetensors and the model's code into ``dest``; return it.
 
@@ -70,6 +71,8 @@ def build_tiny_model(
     ``stored_dtype="float16"`` stores the weights in half precision, as BiRefNet_HR and the
     512 variants are (config.json then says so too). ``deformable`` runs the head through
     torchvision's deformable convolution, which has no bfloat16 kernel, like BiRefNet's.
+    ``sample_stride`` > 1 computes the mask from every n-th pixel (blocky masks, almost no
+    CPU): with the delays, a stand-in for a model running on an accelerator.
     """
     import torch
 
@@ -86,6 +89,7 @@ def build_tiny_model(
         auto_map=auto_map,
         delay_ms_per_call=delay_ms_per_call,
         delay_ms_per_image=delay_ms_per_image,
+        sample_stride=sample_stride,
     )
     model = TinySegModel(config)
     # x_red = (r - mean) / std, so GAIN * r + OFFSET = (GAIN * std) * x_red + (GAIN * mean + OFFSET).

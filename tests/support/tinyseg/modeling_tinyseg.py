@@ -8,6 +8,7 @@ one being the prediction to use.
 import time
 
 from torch import nn
+from torch.nn import functional as F
 
 from transformers import PreTrainedModel
 
@@ -35,7 +36,12 @@ class TinySegModel(PreTrainedModel):
         delay = self.config.delay_ms_per_call + self.config.delay_ms_per_image * pixel_values.shape[0]
         if delay > 0:
             time.sleep(delay / 1000.0)
-        fine = self.head(pixel_values)
+        stride = getattr(self.config, "sample_stride", 1)
+        if stride > 1:
+            sampled = self.head(pixel_values[:, :, ::stride, ::stride])
+            fine = F.interpolate(sampled, size=pixel_values.shape[2:], mode="nearest")
+        else:
+            fine = self.head(pixel_values)
         # BiRefNet returns coarse-to-fine maps; the coarse one here is the
         # inverse mask so that code using output[0] instead of output[-1] fails.
         return [-fine, fine]

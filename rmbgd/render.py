@@ -1,0 +1,102 @@
+"""From a decoded image and its predicted mask to the files written for it.
+
+The order is chosen for cost and correctness: cropping and shrinking first (everything after
+works on fewer pixels), then foreground refinement (it needs the final alpha), then the
+background (compositing must see the refined colours), then the format's encoder. The mask
+file is the result's own alpha, so it always lines up with the result pixel for pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from rmbgd.compose import fit_within, over_background, subject_box
+from rmbgd.config import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
+from rmbgd.encoders import encode_jpeg, encode_webp
+from rmbgd.images import DecodedImage, combine_alpha, encode_grey_png, encode_png
+
+__all__ = ["OutputFile", "RenderError", "render"]
+
+EMPTY_MASK = "no subject found (the mask is empty), so there is nothing to crop to"
+
+
+@dataclass(frozen=True, eq=False)
+class OutputFile:
+    """One file to publish for an input: `suffix` replaces the input's extension."""
+
+    suffix: str
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"OutputFile({self.suffix!r}, {len(self.data)} bytes)"
+
+
+class RenderError(Exception):
+    """The input decoded and ran through the model, yet cannot give the asked-for result."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+
+
+def render(
+    image: DecodedImage, mask: np.ndarray, out: OutputConfig, *, device: str = "cpu"
+) -> List[OutputFile]:
+    """The files `out` asks for: the result, its mask, or both (result first)."""
+    alpha = combine_alpha(mask, image.alpha)
+    rgb = image.rgb
+    if out.crop:
+        box = subject_box(alpha, pixels=out.crop_padding.pixels, fraction=out.crop_padding.fraction)
+        if box is None:
+            raise RenderError("crop", EMPTY_MASK)
+        left, top, right, bottom = box
+        rgb, alpha = rgb[top:bottom, left:right], alpha[top:bottom, left:right]
+    if out.max_size is not None:
+        rgb, alpha = fit_within(rgb, alpha, out.max_size)
+    files = []
+    if out.mask != MASK_ONLY:
+        if out.refine_foreground:
+            rgb = _refined(rgb, alpha, device)
+        exif = image.exif if out.keep_exif else None
+        data = _encode(rgb, alpha, out, image.icc_profile, exif)
+        files.append(OutputFile(FORMAT_SUFFIXES[out.format], data))
+    if out.mask != MASK_NONE:
+        files.append(OutputFile(MASK_SUFFIX, encode_grey_png(alpha, compress_level=out.png_compress_level)))
+    return files
+
+
+def _refined(rgb: np.ndarray, alpha: np.ndarray, device: str) -> np.ndarray:
+    # Imported on first use: it needs torch, which only the model side has loaded.
+    from rmbgd.refine import estimate_foreground
+
+    return estimate_foreground(np.ascontiguousarray(rgb), np.ascontiguousarray(alpha), device=device)
+
+
+def _encode(
+    rgb: np.ndarray,
+    alpha: np.ndarray,
+    out: OutputConfig,
+    icc_profile: Optional[bytes],
+    exif: Optional[bytes],
+) -> bytes:
+    kept_alpha: Optional[np.ndarray] = alpha
+    if out.background is not None:
+        rgb = over_background(rgb, alpha, out.background)
+        kept_alpha = None
+    if out.format == "jpeg":
+        return encode_jpeg(rgb, quality=out.jpeg_quality, icc_profile=icc_profile, exif=exif)
+    if out.format == "webp":
+        return encode_webp(
+            rgb, kept_alpha, clean_transparent=out.clean_transparent, icc_profile=icc_profile, exif=exif
+        )
+    return encode_png(
+        rgb,
+        kept_alpha,
+        compress_level=out.png_compress_level,
+        clean_transparent=out.clean_transparent,
+        icc_profile=icc_profile,
+        exif=exif,
+    )
