@@ -56,6 +56,22 @@ class StartupError(Exception):
     """A one-line reason the daemon cannot start (bad folders, model not loadable)."""
 
 
+def load_model(cfg: Config, log: Any) -> Any:
+    """Load and warm up `cfg.model`; raises StartupError with the one-line reason."""
+    # Imported here: torch and transformers take seconds to import, and `rmbgd check` or
+    # `--help` should not pay for that.
+    from rmbgd.model import ModelLoadError, load_segmenter
+
+    try:
+        segmenter = load_segmenter(cfg.model, log=log)
+        started = time.monotonic()
+        segmenter.warmup()
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from None
+    log.info("model_warm", ms=round((time.monotonic() - started) * 1000.0, 1))
+    return segmenter
+
+
 class Daemon:
     def __init__(self, cfg: Config, log: Any, clock=time.monotonic) -> None:
         self.cfg = cfg
@@ -209,18 +225,7 @@ class Daemon:
         return finished
 
     def _load_model(self) -> Any:
-        # Imported here: torch and transformers take seconds to import, and `rmbgd check` or
-        # `--help` should not pay for that.
-        from rmbgd.model import ModelLoadError, load_segmenter
-
-        try:
-            segmenter = load_segmenter(self.cfg.model, log=self.log)
-            started = time.monotonic()
-            segmenter.warmup()
-        except ModelLoadError as exc:
-            raise StartupError(str(exc)) from None
-        self.log.info("model_warm", ms=round((time.monotonic() - started) * 1000.0, 1))
-        return segmenter
+        return load_model(self.cfg, self.log)
 
     def _main_loop(self) -> int:
         next_rescan = self._clock() + self.cfg.watch.rescan_seconds

@@ -35,7 +35,7 @@ from rmbgd.config import (
 from rmbgd.fsops import NAME_ERRNOS, move_unique, publish_bytes, shorten_name, walk_files
 from rmbgd.job import Counters, Job
 from rmbgd.names import is_ignored_name
-from rmbgd.pipeline import Pipeline
+from rmbgd.pipeline import Pipeline, PublishError
 from rmbgd.publisher import Delivery
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "Source",
     "TerminalReport",
     "UsageError",
-    "load_model",
     "load_settings",
     "plan",
 ]
@@ -226,26 +225,6 @@ def _as_option(problem: str) -> str:
     return problem
 
 
-# --------------------------------------------------------------------------- model
-
-
-def load_model(cfg: Config, log: Any) -> Any:
-    """Load and warm up the model as the daemon does; raises daemon.StartupError."""
-    # Imported here: torch and transformers take seconds to import, and `--help` should not
-    # pay for that. Same steps as Daemon._load_model.
-    from rmbgd.daemon import StartupError
-    from rmbgd.model import ModelLoadError, load_segmenter
-
-    try:
-        segmenter = load_segmenter(cfg.model, log=log)
-        started = time.monotonic()
-        segmenter.warmup()
-    except ModelLoadError as exc:
-        raise StartupError(str(exc)) from None
-    log.info("model_warm", ms=round((time.monotonic() - started) * 1000.0, 1))
-    return segmenter
-
-
 # --------------------------------------------------------------------------- publishing
 
 
@@ -257,8 +236,8 @@ class Kept:
     sidecar: Optional[Path] = None
 
 
-class WriteFailed(Exception):
-    """Writing a result kept failing; not an OSError, so the pipeline fails the file."""
+class WriteFailed(PublishError):
+    """Writing a result kept failing: the pipeline fails the file (it retries OSErrors forever)."""
 
 
 class OneShotPublisher:
@@ -589,6 +568,9 @@ class Runner:
         healthy = True
         if work.sources and not self.interrupted:
             self._report.loading(self._cfg.model.name)
+            # Imported here, like the model itself: `--help` must stay quick.
+            from rmbgd.daemon import load_model
+
             segmenter = load_model(self._cfg, self._log)
             if not self.interrupted:
                 healthy = self._process(segmenter)

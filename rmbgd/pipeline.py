@@ -40,6 +40,11 @@ OUT_OF_GPU_MEMORY = "out of GPU memory"
 _UNUSED_DECODE_SIZE = 32
 
 
+class PublishError(Exception):
+    """A publisher's verdict that this file cannot be written: it fails with this reason
+    (no traceback: nothing went wrong in rmbgd)."""
+
+
 class Pipeline:
     def __init__(
         self,
@@ -308,6 +313,9 @@ class Pipeline:
                 # stays claimed, keeps its encoded result and is tried again later.
                 self._retry_later(job, "write", exc, self._deliver)
             return
+        except PublishError as exc:
+            self.fail(job, "write", str(exc))
+            return
         except Exception as exc:  # per-file boundary
             self.fail(job, "write", _describe(exc), exc_info=True)
             return
@@ -379,7 +387,7 @@ class Pipeline:
             error=error,
             stage=stage,
             moved_to=str(rejection.moved_to),
-            sidecar=str(rejection.sidecar),
+            **({"sidecar": str(rejection.sidecar)} if rejection.sidecar is not None else {}),
             exc_info=exc_info,
         )
         self._on_finished(job)

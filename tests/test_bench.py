@@ -17,6 +17,7 @@ CHECKS = {
     "cpu_path": lambda r: r["sizes"]["quick"]["rgb_equal_where_visible"] and r["sizes"]["quick"]["alpha_max_diff"] <= 2,
     "pipeline": lambda r: r["daemon"]["images_per_s"] > 0 and r["idle_drop"]["drops"] == 2 and r["speedup"] > 0,
     "flood": lambda r: r["files"] == 50 and r["failed"] == 0 and r["rss_mib"]["peak"] > 0,
+    "refine": lambda r: r["cases"]["quick border"]["error_reduction"] > 3,
 }
 
 

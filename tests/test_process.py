@@ -460,11 +460,11 @@ class _CountingPipeline:
 
 def test_never_more_files_in_flight_than_configured(monkeypatch, tmp_path):
     # In-process with a stand-in pipeline: 300 inputs must never be decoded all at once.
-    from rmbgd import oneshot
+    from rmbgd import daemon, oneshot
     from rmbgd.config import parse_config
 
     monkeypatch.setattr(oneshot, "Pipeline", _CountingPipeline)
-    monkeypatch.setattr(oneshot, "load_model", lambda cfg, log: type("Seg", (), {"device": "cpu", "dtype": "float32"})())
+    monkeypatch.setattr(daemon, "load_model", lambda cfg, log: type("Seg", (), {"device": "cpu", "dtype": "float32"})())
     cfg = parse_config(
         {"paths": {"inbox": ".", "outbox": ".", "errors": ".", "done": None},
          "batch": {"size": 2}, "pipeline": {"workers": 1, "max_in_flight": 5}},

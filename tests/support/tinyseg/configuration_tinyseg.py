@@ -22,7 +22,7 @@ class TinySegConfig(PretrainedConfig):
         # and benchmarks can have a model that is busy for a known time.
         self.delay_ms_per_call = delay_ms_per_call
         self.delay_ms_per_image = delay_ms_per_image
-        # Above 1, the head looks at every n-th pixel only and the map is scaled back up: the
+        # Above 1, the head looks at every n-th pixel only and returns that coarser map: the
         # forward then costs the CPU next to nothing, as a model on a real accelerator does.
         self.sample_stride = sample_stride
         super().__init__(**kwargs)

@@ -8,7 +8,6 @@ one being the prediction to use.
 import time
 
 from torch import nn
-from torch.nn import functional as F
 
 from transformers import PreTrainedModel
 
@@ -37,11 +36,8 @@ class TinySegModel(PreTrainedModel):
         if delay > 0:
             time.sleep(delay / 1000.0)
         stride = getattr(self.config, "sample_stride", 1)
-        if stride > 1:
-            sampled = self.head(pixel_values[:, :, ::stride, ::stride])
-            fine = F.interpolate(sampled, size=pixel_values.shape[2:], mode="nearest")
-        else:
-            fine = self.head(pixel_values)
+        # A coarser map is still a valid prediction: rmbgd scales every map to the photo's size.
+        fine = self.head(pixel_values[:, :, ::stride, ::stride] if stride > 1 else pixel_values)
         # BiRefNet returns coarse-to-fine maps; the coarse one here is the
         # inverse mask so that code using output[0] instead of output[-1] fails.
         return [-fine, fine]
