@@ -287,13 +287,23 @@ class Segmenter:
             )
             return pixels.mul_(self._scale[0]).add_(self._shift[0])
 
-    def predict_prepared(self, prepared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One model call over `prepare`d inputs of one size; the (1, h, w) float32 logits of each."""
+    def stack(self, prepared: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`prepare`d inputs of one size as one (B, 3, H, W) batch.
+
+        A copy of every input, so the pipeline does it for the next batch while the model
+        still runs the current one.
+        """
         with torch.inference_mode():
-            pixels = torch.stack(list(prepared))
+            return torch.stack(list(prepared))
+
+    def predict_prepared(self, prepared: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+        """One model call over `prepare`d inputs of one size (or their `stack`); the (1, h, w)
+        float32 logits of each."""
+        pixels = prepared if isinstance(prepared, torch.Tensor) else self.stack(prepared)
+        with torch.inference_mode():
             with self._autocast():
                 output = (self._compiled or self._model)(pixels)
-            return list(_final_logits(output, len(prepared)).float().unbind(0))
+            return list(_final_logits(output, len(pixels)).float().unbind(0))
 
     def finish(self, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """(1, h, w) logits from `predict_prepared` -> the (height, width) uint8 mask for `size`."""

@@ -1,8 +1,9 @@
 """decode → batch → model → encode → publish, with each stage overlapping the others.
 
 Decoding runs in a thread pool as soon as a file is claimed, so the next batch is ready while
-the model works on the current one; the single model thread takes a batch the moment it is
-free (see collector.py); encoding and publishing run in a second pool so the model never
+the model works on the current one; a stage thread takes each batch as it comes due (see
+collector.py) and, on the CPU path, stacks its inputs into one tensor while the model thread
+still runs the batch before; encoding and publishing run in a second pool so the model never
 waits for PNG compression. Pillow and torch release the GIL for their heavy work.
 
 Images in one model call share one input size: the collector batches by it (with
@@ -80,6 +81,8 @@ class Pipeline:
         # The largest batch that fitted in GPU memory, once a larger one did not.
         self._memory_limit: Optional[int] = None
         self._model_thread = threading.Thread(target=self._model_loop, name="rmbgd-model", daemon=True)
+        self._stage_thread = threading.Thread(target=self._stage_loop, name="rmbgd-stage", daemon=True)
+        self._handoff = _Handoff()
         self._batch_ids = itertools.count(1)
         self._pending_lock = threading.Lock()
         self._pending: Set[Future] = set()
@@ -89,10 +92,11 @@ class Pipeline:
 
     # -- control ----------------------------------------------------------------------------
     def start(self) -> None:
+        self._stage_thread.start()
         self._model_thread.start()
 
     def model_alive(self) -> bool:
-        return self._model_thread.is_alive()
+        return self._model_thread.is_alive() and self._stage_thread.is_alive()
 
     def busy_seconds(self) -> float:
         """How long the current model call has been running (0 when idle)."""
@@ -115,6 +119,8 @@ class Pipeline:
         in the work area, where the next start finds it.
         """
         self.batches.close()
+        # A batch staged for the model but not started stays claimed too.
+        self._handoff.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         with self._pending_lock:
             self._stopping = True
@@ -125,9 +131,10 @@ class Pipeline:
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` for the model thread and the pending encodes; True when done."""
         deadline = time.monotonic() + timeout
-        self._model_thread.join(max(0.0, deadline - time.monotonic()))
-        if self._model_thread.is_alive():
-            return False
+        for thread in (self._stage_thread, self._model_thread):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
         while True:
             with self._pending_lock:
                 pending = [f for f in self._pending if not f.done()]
@@ -188,25 +195,46 @@ class Pipeline:
             return rgb
         return resize_rgb(rgb, size)
 
-    def _model_loop(self) -> None:
-        while True:
+    def _stage_loop(self) -> None:
+        """Take each batch as it comes due and get it ready for the model, while the model
+        thread runs the previous one."""
+        while self._handoff.wait_free():
             batch = self.batches.get()
             if batch is None:
+                self._handoff.close()
                 return
+            self._handoff.put((batch, self._staged(batch)))
+
+    def _staged(self, batch: List[Job]) -> Any:
+        """The batch's stacked model input (CPU path), or None to have the model thread make it."""
+        if not self._split:
+            return None
+        try:
+            return self._segmenter.stack([job.image.model_input for job in batch])
+        except Exception as exc:  # the model thread stacks again and meets the error at its per-batch boundary
+            self._log.debug("batch_not_staged", error=_describe(exc))
+            return None
+
+    def _model_loop(self) -> None:
+        while True:
+            item = self._handoff.get()
+            if item is None:
+                return
+            batch, staged = item
             self._busy_since = time.monotonic()
             try:
-                self._run_batch(batch)
+                self._run_batch(batch, staged)
             finally:
                 self._busy_since = None
             self.last_progress = time.monotonic()
 
-    def _run_batch(self, batch: List[Job]) -> None:
+    def _run_batch(self, batch: List[Job], staged: Any = None) -> None:
         started = time.monotonic()
         for job in batch:
             job.ms["wait"] = round((started - job.ready_at) * 1000.0 - job.ms.get("decode", 0.0), 1)
-        self._run_part(batch)
+        self._run_part(batch, staged)
 
-    def _run_part(self, batch: List[Job]) -> None:
+    def _run_part(self, batch: List[Job], staged: Any = None) -> None:
         """One model call for `batch`; on GPU out-of-memory, its halves are tried instead."""
         batch_id = next(self._batch_ids)
         started = time.monotonic()
@@ -215,7 +243,7 @@ class Pipeline:
             job.batch = batch_id
         failure: Optional[Tuple[str, bool]] = None
         try:
-            masks = self._infer(batch)
+            masks = self._infer(batch, staged)
         except Exception as exc:  # per-batch boundary: find the image that really fails
             failure = (_describe(exc), _is_out_of_memory(exc))
         # Retries happen only once the except block is left: until then the exception's
@@ -271,9 +299,10 @@ class Pipeline:
             job.image = dataclasses.replace(job.image, model_input=None)
         self._track(self._encode_pool.submit(self._encode_and_publish, job))
 
-    def _infer(self, batch: List[Job]) -> list:
+    def _infer(self, batch: List[Job], staged: Any = None) -> list:
         if self._split:
-            return self._segmenter.predict_prepared([job.image.model_input for job in batch])
+            inputs = staged if staged is not None else [job.image.model_input for job in batch]
+            return self._segmenter.predict_prepared(inputs)
         first = batch[0].image
         return self._segmenter.predict(
             [job.image.model_input for job in batch],
@@ -391,6 +420,50 @@ class Pipeline:
             exc_info=exc_info,
         )
         self._on_finished(job)
+
+
+class _Handoff:
+    """One staged batch passed from the stage thread to the model thread.
+
+    The stage thread takes a batch from the collector only once the slot is free, so at
+    most one batch waits beside the one running, and other images keep gathering in the
+    collector meanwhile. Closing it (stop) leaves a waiting batch unrun and wakes both sides.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def wait_free(self) -> bool:
+        """Wait until the slot is empty; False once closed."""
+        with self._cond:
+            while self._item is not None and not self._closed:
+                self._cond.wait()
+            return not self._closed
+
+    def put(self, item: Any) -> None:
+        """Fill the slot (after wait_free); dropped when closed meanwhile: it stays claimed."""
+        with self._cond:
+            if not self._closed:
+                self._item = item
+                self._cond.notify_all()
+
+    def get(self) -> Any:
+        """The next item, or None once closed."""
+        with self._cond:
+            while self._item is None and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            item, self._item = self._item, None
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 def _yield_to_model() -> None:

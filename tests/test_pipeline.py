@@ -376,6 +376,10 @@ class ThreadRecordingSegmenter:
         self._note("prepare")
         return self._real.prepare(image)
 
+    def stack(self, prepared):
+        self._note("stack")
+        return self._real.stack(prepared)
+
     def predict_prepared(self, prepared):
         self._note("predict_prepared")
         return self._real.predict_prepared(prepared)
@@ -403,6 +407,7 @@ def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model)
 
     assert segmenter.threads == {
         "prepare": {"rmbgd-decode"},
+        "stack": {"rmbgd-stage"},
         "predict_prepared": {"rmbgd-model"},
         "finish": {"rmbgd-encode"},
     }
@@ -411,3 +416,46 @@ def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model)
     assert a.shape == (30, 40, 4) and b.shape == (20, 50, 4)
     assert (a[..., 3] == alpha_for_rgb(255, 10, 10)).all()
     assert (b[..., 3] == alpha_for_rgb(0, 10, 10)).all()
+
+
+def test_the_next_batch_is_staged_while_the_model_runs_and_left_claimed_on_stop(harness, tiny_model):
+    from rmbgd.model import load_segmenter
+
+    class Gated(ThreadRecordingSegmenter):
+        """The first model call waits for the test, so a second batch gets staged meanwhile."""
+
+        def __init__(self, real) -> None:
+            super().__init__(real)
+            self.running = threading.Event()
+            self.release = threading.Event()
+            self.staged = threading.Event()
+
+        def stack(self, prepared):
+            stacked = super().stack(prepared)
+            if self.running.is_set():
+                self.staged.set()
+            return stacked
+
+        def predict_prepared(self, prepared):
+            self._note("predict_prepared")
+            assert isinstance(prepared, torch.Tensor), "the model thread got the staged stack"
+            self.running.set()
+            assert self.release.wait(WAIT_S)
+            return self._real.predict_prepared(prepared)
+
+    segmenter = Gated(load_segmenter(ModelConfig(name=str(tiny_model), device="cpu", input_size=64)))
+    run = harness(segmenter, batch_size=2)
+    first = [run.submit(f"a{index}.png", 40, 30) for index in range(2)]
+    assert segmenter.running.wait(WAIT_S)
+    second = [run.submit(f"b{index}.png", 40, 30) for index in range(2)]
+    assert segmenter.staged.wait(WAIT_S), "the second batch is stacked while the first runs"
+    assert segmenter.threads["stack"] == {"rmbgd-stage"}
+
+    run.pipeline.stop_intake()
+    segmenter.release.set()
+    assert run.pipeline.wait(WAIT_S)
+    assert sorted(job.claim.path.name for job in run.wait_finished(2)) == ["a0.png", "a1.png"]
+    assert run.outputs() == ["a0.png", "a1.png"]
+    # The staged batch never reached the model: its files stay claimed for the next start.
+    assert all(job.claim.path.exists() for job in second)
+    assert run.finished.empty()
