@@ -1,4 +1,5 @@
-"""End-to-end: one daemon serving several output profiles at once, checked on real files."""
+"""End-to-end: one daemon serving several output profiles at once, checked on real files;
+an image with nothing to crop to goes to errors/ with the reason."""
 
 import os
 from pathlib import Path
@@ -32,8 +33,13 @@ def test_profiles_pick_the_output_per_folder(daemons, folders, tmp_path):
     drop(folders.inbox, staging, "crop/a/bag.png", rgb, "PNG")
     drop(folders.inbox, staging, "plain.png", rgb, "PNG")
     drop(folders.inbox, staging, "scan.tif", rgb, "TIFF")
-    records = daemon.wait_count(ALL_DONE, 4)
-    assert [r for r in records if r["event"] == "file_failed"] == []
+    # All BLUE: the model keeps nothing, so there is no subject to crop to.
+    drop(folders.inbox, staging, "crop/empty.png", pattern(64, 48, (0.0, 0.0, 0.0, 0.0)), "PNG")
+    records = daemon.wait_count(ALL_DONE, 5)
+    (failed,) = [r for r in records if r["event"] == "file_failed"]
+    assert failed["stage"] == "crop" and "no subject found" in failed["error"]
+    assert (folders.errors / "crop/empty.png").is_file()
+    assert (folders.errors / "crop/empty.png.error.json").is_file()
 
     out = folders.outbox
     produced = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
@@ -61,16 +67,4 @@ def test_profiles_pick_the_output_per_folder(daemons, folders, tmp_path):
 
     also = [r for r in records if r.get("also")]
     assert [Path(p).name for r in also for p in r["also"]] == ["bag.mask.png"]
-    assert daemon.stop() == 0
-
-
-def test_an_empty_mask_with_crop_goes_to_errors(daemons, folders, tmp_path):
-    daemon = daemons.start(output={"crop": True})
-    rgb = pattern(64, 48, (0.0, 0.0, 0.0, 0.0))  # all BLUE: nothing for the model to keep
-    drop(folders.inbox, tmp_path / "staging", "empty.png", rgb, "PNG")
-    (record,) = daemon.wait_count(ALL_DONE, 1)
-    assert record["event"] == "file_failed" and record["stage"] == "crop"
-    assert "no subject found" in record["error"]
-    assert (folders.errors / "empty.png").is_file() and (folders.errors / "empty.png.error.json").is_file()
-    assert not any(folders.outbox.rglob("*.png"))
     assert daemon.stop() == 0
