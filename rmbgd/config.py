@@ -550,7 +550,9 @@ def _parse_output(s: _Section, base: OutputConfig) -> OutputConfig:
         png_compress_level=s.integer("png_compress_level", base.png_compress_level, 0, 9),
         clean_transparent=s.boolean("clean_transparent", base.clean_transparent),
     )
-    if out.format == "jpeg" and out.background is None and out.mask != MASK_ONLY:
+    # A profile that changes none of the three inherits the combination, already judged.
+    judged_here = base == OutputConfig() or any(k in s.data for k in ("format", "background", "mask"))
+    if judged_here and out.format == "jpeg" and out.background is None and out.mask != MASK_ONLY:
         s.problems.add(
             f"{s.name}.format",
             "jpeg has no transparency: set output.background (e.g. \"#ffffff\") or use png or webp",

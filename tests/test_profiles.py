@@ -178,3 +178,8 @@ def test_bad_profiles_name_their_entry(tmp_path: Path, snippet: str, expected: s
 def test_a_profile_may_supply_the_background_jpeg_needs(tmp_path: Path) -> None:
     cfg = load(tmp_path, "output: {background: '#000000'}\nprofiles: [{match: a/, output: {format: jpeg}}]\n")
     assert cfg.output_for(PurePath("a/x.png")).format == "jpeg"
+
+
+def test_an_inherited_problem_is_reported_once(tmp_path: Path) -> None:
+    found = problems(tmp_path, "output: {format: jpeg}\nprofiles: [{match: a/, output: {crop: true}}]\n")
+    assert [p.split(":")[0] for p in found] == ["output.format"], found
