@@ -11,6 +11,8 @@ import numbers
 import numpy as np
 from PIL import Image
 
+from rmbgd.images import check_uint8
+
 __all__ = ["SUBJECT_THRESHOLD", "fit_within", "over_background", "subject_box"]
 
 # Alpha at or above which a pixel counts as subject when cropping. Predicted masks often carry
@@ -42,7 +44,7 @@ def subject_box(
 
     The fractional padding is rounded half up to whole pixels.
     """
-    _require_uint8(alpha, "alpha", ndim=2)
+    check_uint8(alpha, "alpha", ndim=2)
     if isinstance(pixels, bool) or not isinstance(pixels, numbers.Integral) or pixels < 0:
         raise ValueError(f"pixels must be a non-negative integer, got {pixels!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= fraction < float("inf"):
@@ -133,21 +135,13 @@ def _resized(array: np.ndarray, size: tuple[int, int]) -> Image.Image:
 
 
 def _check_rgb_alpha(rgb: np.ndarray, alpha: np.ndarray | None) -> None:
-    _require_uint8(rgb, "rgb", ndim=3)
+    check_uint8(rgb, "rgb", ndim=3)
     if rgb.shape[2] != 3:
         raise ValueError(f"rgb must have 3 channels, got shape {rgb.shape}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError(f"rgb has no pixels (shape {rgb.shape})")
     if alpha is not None:
-        _require_uint8(alpha, "alpha", ndim=2)
+        check_uint8(alpha, "alpha", ndim=2)
         if alpha.shape != rgb.shape[:2]:
             raise ValueError(f"alpha shape {alpha.shape} differs from rgb size {rgb.shape[:2]}")
 
-
-def _require_uint8(array: np.ndarray, name: str, *, ndim: int) -> None:
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8, got {array.dtype}")
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")

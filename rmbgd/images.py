@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "DecodedImage",
     "ImageError",
+    "check_uint8",
     "combine_alpha",
     "decode_image",
     "encode_grey_png",
@@ -649,13 +650,18 @@ def _check_compress_level(compress_level: int) -> None:
         raise ValueError(f"compress_level must be an integer from 0 to 9, got {compress_level!r}")
 
 
-def _require_uint8(array: np.ndarray, name: str, *, ndim: int) -> np.ndarray:
+def check_uint8(array: np.ndarray, name: str, *, ndim: int) -> None:
+    """Raise a readable error unless `array` is a uint8 numpy array with `ndim` dimensions."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
     if array.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8, got {array.dtype}")
     if array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+
+
+def _require_uint8(array: np.ndarray, name: str, *, ndim: int) -> np.ndarray:
+    check_uint8(array, name, ndim=ndim)
     return np.ascontiguousarray(array)
 
 

@@ -68,6 +68,8 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
+from rmbgd.images import check_uint8
+
 __all__ = ["estimate_foreground"]
 
 
@@ -132,12 +134,7 @@ def _check_inputs(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _require_uint8(array: np.ndarray, name: str, *, ndim: int) -> np.ndarray:
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8, got {array.dtype}")
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    check_uint8(array, name, ndim=ndim)
     return np.ascontiguousarray(array)
 
 
