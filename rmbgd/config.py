@@ -661,7 +661,7 @@ def _parse_logging(s: _Section, base_dir: Path) -> LoggingConfig:
     return LoggingConfig(level=level, file=_optional_path(s, "file", base_dir), progress_seconds=progress)
 
 
-def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Config:
+def _parse(data: object, base_dir: Path, source: Path | None, label: str, with_paths: bool = True) -> Config:
     base_dir = Path(os.path.abspath(os.path.expanduser(base_dir)))
     if data is None:
         raise ConfigError(f"{label}: the config is empty; it needs at least a 'paths' section")
@@ -670,7 +670,12 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
 
     problems = _Problems()
     _check_unknown(data, [*_SECTIONS, "profiles"], "", problems)
-    paths = _parse_paths(data, base_dir, problems)
+    if with_paths:
+        paths = _parse_paths(data, base_dir, problems)
+    else:
+        # For uses that never touch the daemon's folders (`rmbgd process`): any `paths`
+        # section is ignored, unchecked, and the config's own folder stands in.
+        paths = PathsConfig(inbox=base_dir, outbox=base_dir, errors=base_dir, done=None)
 
     def section(name: str) -> _Section:
         # A section that is not a mapping is reported once; its keys then read as defaults.
@@ -712,10 +717,14 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str) -> Con
     )
 
 
-def parse_config(data: object, base_dir: Path, source: Path | None = None) -> Config:
-    """Validate an already-loaded YAML object; relative paths are taken from `base_dir`."""
+def parse_config(
+    data: object, base_dir: Path, source: Path | None = None, *, with_paths: bool = True
+) -> Config:
+    """Validate an already-loaded YAML object; relative paths are taken from `base_dir`.
+
+    `with_paths=False` ignores the `paths` section (see _parse)."""
     label = str(source) if source is not None else "config"
-    return _parse(data, Path(base_dir), source, label)
+    return _parse(data, Path(base_dir), source, label, with_paths)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -756,8 +765,10 @@ def _yaml_problem(shown: str, text: str, err: yaml.YAMLError) -> str:
     return f"{shown}: invalid YAML: {_one_line(str(err))}"
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read, parse and validate a YAML config file; raises ConfigError listing every problem."""
+def load_config(path: str | os.PathLike[str], *, with_paths: bool = True) -> Config:
+    """Read, parse and validate a YAML config file; raises ConfigError listing every problem.
+
+    `with_paths=False` ignores the `paths` section (see _parse)."""
     shown = os.fsdecode(path)
     source = Path(os.path.abspath(os.path.expanduser(shown)))
     try:
@@ -780,7 +791,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(_yaml_problem(shown, text, err)) from None
     except RecursionError:
         raise ConfigError(f"{shown}: invalid YAML: nested too deeply") from None
-    return _parse(data, source.parent, source, shown)
+    return _parse(data, source.parent, source, shown, with_paths)
 
 
 # --------------------------------------------------------------------------- folders

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from rmbgd import __version__
 from rmbgd.config import (
     Config,
@@ -64,8 +62,6 @@ TICK_SECONDS = 0.1
 # this many tries instead of being retried forever as in the daemon: nobody may be watching.
 WRITE_ATTEMPTS = 3
 
-# `process` ignores the daemon's folders; a config written for it alone need not name them.
-_UNUSED_PATHS = {"inbox": ".", "outbox": ".", "errors": ".", "done": None}
 _OPTION_OF_KEY = {"model.name": "--model", "model.device": "--device"}
 
 
@@ -176,7 +172,10 @@ def load_settings(config: Optional[str], model: Optional[str] = None, device: Op
 
     Raises ConfigError, with `--model`/`--device` named for problems in those options.
     """
-    cfg = _load_file(config) if config else parse_config({"paths": _UNUSED_PATHS}, Path.cwd())
+    if config:
+        cfg = load_config(config, with_paths=False)
+    else:
+        cfg = parse_config({}, Path.cwd(), with_paths=False)
     if model is not None and os.path.isdir(os.path.expanduser(model)):
         # On the command line a folder that exists is meant, even without a slash in its name.
         model = os.path.abspath(os.path.expanduser(model))
@@ -186,36 +185,11 @@ def load_settings(config: Optional[str], model: Optional[str] = None, device: Op
     try:
         # Validated and resolved (a local model folder against the working directory) by the
         # config's own rules, so `--device gpu` fails like `model.device: gpu` would.
-        parsed = parse_config({"paths": _UNUSED_PATHS, "model": given}, Path.cwd()).model
+        parsed = parse_config({"model": given}, Path.cwd(), with_paths=False).model
     except ConfigError as exc:
         raise ConfigError([_as_option(problem) for problem in exc.problems]) from None
     chosen = {key: getattr(parsed, key) for key in given}
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **chosen))
-
-
-def _load_file(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        others = [problem for problem in exc.problems if not _about_paths(problem)]
-        if others:
-            raise ConfigError(others) from None
-        error = exc
-    # Only `paths` is missing or wrong, and `process` does not use it: the YAML itself parsed,
-    # so read it again with placeholder folders.
-    source = Path(os.path.abspath(os.path.expanduser(path)))
-    try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, yaml.YAMLError):
-        raise error from None
-    if not isinstance(data, dict):
-        raise error
-    return parse_config({**data, "paths": _UNUSED_PATHS}, source.parent, source)
-
-
-def _about_paths(problem: str) -> bool:
-    key = problem.split(":", 1)[0]
-    return key == "paths" or key.startswith("paths.")
 
 
 def _as_option(problem: str) -> str:
