@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the daemon in the foreground. Logs are JSON lines on stdout. "
         "The first SIGTERM/SIGINT finishes the batch in flight and exits 0; a second one exits at once.",
     )
-    run.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    _config_option(run)
 
     check = commands.add_parser(
         "check",
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate the config file and the folders it names. Exit 0 when valid; "
         "otherwise print every problem as 'dotted.key: what is wrong' on stderr and exit 2.",
     )
-    check.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    _config_option(check)
 
     fetch = commands.add_parser(
         "fetch-model",
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "machine; with DIR, point model.name at it there. Prints the model's folder; on failure "
         "prints one line on stderr and exits 1 (2 for a config error).",
     )
-    fetch.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    _config_option(fetch)
     fetch.add_argument("--to", metavar="DIR", help="download into this folder instead of the cache")
 
     status = commands.add_parser(
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         "error of every instance using this config, from the status files in its state folder "
         "(state.dir). Exit 0 when one is running, 3 when none is, 4 when the folder is unreadable.",
     )
-    status.add_argument("--config", metavar="PATH", help="YAML config file")
+    _config_option(status, required=False)
     status.add_argument("--state-dir", metavar="DIR", help="read this state folder instead of the config's")
     status.add_argument("--json", action="store_true", help="print the status documents as JSON")
 
@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     process.add_argument("--json", action="store_true", help="JSON log lines on stdout even on a terminal")
     return parser
+
+
+def _config_option(command: argparse.ArgumentParser, required: bool = True) -> None:
+    command.add_argument("--config", required=required, metavar="PATH", help="YAML config file")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from rmbgd.job import Counters, Job
 from rmbgd.names import is_ignored_name
 from rmbgd.pipeline import Pipeline, PublishError
 from rmbgd.publisher import Delivery
+from rmbgd.workarea import default_instance_name
 
 __all__ = [
     "EXIT_FAILED",
@@ -268,8 +268,7 @@ def _describe_os_error(exc: OSError) -> str:
 
 def default_owner() -> str:
     # Tags temp files like the daemon's, so a crashed run's leftovers are recognisable.
-    host = socket.gethostname().split(".")[0] or "host"
-    return f"process-{host}-{os.getpid()}"
+    return f"process-{default_instance_name()}"
 
 
 # --------------------------------------------------------------------------- reporting

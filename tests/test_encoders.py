@@ -13,16 +13,9 @@ from PIL import ExifTags, Image, ImageCms, JpegImagePlugin
 
 from rmbgd.encoders import encode_jpeg, encode_webp
 from rmbgd.images import decode_image, encode_grey_png, encode_png
+from tests.support.photos import random_rgba
 
 H, W = 30, 40
-
-
-def random_rgba(h: int = H, w: int = W, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
-    alpha[rng.random((h, w)) < 0.3] = 0
-    return rgb, alpha
 
 
 def smooth_rgb(h: int = 64, w: int = 96) -> np.ndarray:

@@ -29,6 +29,8 @@ from rmbgd.images import (
     encode_png,
 )
 
+from tests.support.photos import random_rgba
+
 W, H = 40, 30
 SIZE = 16
 BIG_LIMIT = 10_000_000
@@ -966,14 +968,6 @@ def test_combine_leaves_inputs_alone_and_checks_shapes():
 
 
 # --------------------------------------------------------------------------- encode_png
-
-
-def random_rgba(h: int = H, w: int = W, seed: int = 15) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
-    alpha[rng.random((h, w)) < 0.3] = 0
-    return rgb, alpha
 
 
 @pytest.mark.parametrize(("h", "w"), [(H, W), (1, 1), (1, 17), (23, 1), (7, 5), (64, 3)])

@@ -23,6 +23,15 @@ def pattern(width: int, height: int, box: Tuple[float, float, float, float]) -> 
     return rgb
 
 
+def random_rgba(h: int = 30, w: int = 40, seed: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """Noise RGB and an alpha with about 30% fully transparent pixels: a hard case for encoders."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    alpha[rng.random((h, w)) < 0.3] = 0
+    return rgb, alpha
+
+
 def save(rgb: np.ndarray, path: Path, fmt: str = None, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path, format=fmt, **kw)
