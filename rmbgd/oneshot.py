@@ -9,6 +9,7 @@ path below the folder it was found in, and the command exits when all are done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -556,7 +557,16 @@ class Runner:
         owner = default_owner()
         # Our temps in --out and --done have no work folder to vouch for us: this lock keeps
         # a daemon that starts meanwhile (sharing those folders) from deleting them as orphans.
-        with OwnerLock([folder for folder in (self._plan.out, self._plan.done) if folder is not None], owner):
+        with contextlib.ExitStack() as stack:
+            for folder in (self._plan.out, self._plan.done):
+                if folder is None:
+                    continue
+                try:
+                    stack.enter_context(OwnerLock([folder], owner))
+                except OSError as exc:
+                    # Writing there will most likely fail too, and say so per file.
+                    self._log.warning("owner_lock_failed", folder=str(folder), error=str(exc),
+                                      note="a daemon starting now could remove this run's temp files there")
             return self._process_as(segmenter, owner)
 
     def _process_as(self, segmenter: Any, owner: str) -> bool:
