@@ -332,3 +332,30 @@ def test_regression_dead_peer_symlink_target_is_never_read(daemons, folders, tmp
     assert files_below(folders.outbox) == {}
     assert os.readlink(folders.errors / "evil.png") == os.fspath(secret.image)
     assert os.readlink(folders.errors / "sub" / "evil-fifo.png") == os.fspath(secret.fifo)
+
+
+def test_walk_passes_over_folders_it_cannot_enter(tmp_path):
+    # A tree deeper than PATH_MAX (4096 bytes) can be made with relative paths; a scan that
+    # meets it must go on with the rest instead of ending the daemon's main loop.
+    from rmbgd.fsops import walk_files
+
+    (tmp_path / "ok.png").write_bytes(b"x")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "x.png").write_bytes(b"x")
+    locked.chmod(0)
+    try:
+        found = [entry.name for entry in walk_files(tmp_path)]
+    finally:
+        locked.chmod(0o755)
+    assert "ok.png" in found
