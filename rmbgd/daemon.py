@@ -38,7 +38,7 @@ from rmbgd.metrics import MetricsUnavailable
 from rmbgd.readiness import Readiness, Seen
 from rmbgd.service import Service
 from rmbgd.watcher import RESCAN, SCAN_DIR, Watcher, scan, signature_of
-from rmbgd.workarea import Claim, WorkArea
+from rmbgd.workarea import Claim, WorkArea, special_file_reason
 
 TICK_SECONDS = 0.1
 # Posted by worker threads when a job finishes, so the main loop claims the next file at once.
@@ -183,7 +183,7 @@ class Daemon:
     def _recover(self) -> None:
         """Before `ready`: finish what a crashed predecessor (or dead peer) left half done."""
         started = time.monotonic()
-        claims = self._work.recover()
+        claims = self._work.recover(on_error=self._adopt_failed)
         finished = self._take_over(claims)
         removed = 0
         for root in (self.cfg.paths.outbox, self.cfg.paths.errors, self.cfg.paths.done):
@@ -203,6 +203,11 @@ class Daemon:
         """Complete interrupted deliveries, queue the rest; returns how many were completed."""
         finished = 0
         for claim in claims:
+            if special_file_reason(claim.path) is not None:
+                # No delivery of ours ever started from a link or a FIFO: its intent, if
+                # any, was not written by us; the entry goes to errors/ as it is.
+                self._start_job(claim)
+                continue
             try:
                 delivery = self._publisher.resume(claim)
             except OSError as exc:
@@ -383,7 +388,7 @@ class Daemon:
                     continue
                 claim = self._work.claim(path)
             except FileNotFoundError:
-                continue
+                continue  # gone, or its folder is now a link leading out of the inbox
             except OSError as exc:
                 self.log.error("claim_failed", input=str(path), error=f"{type(exc).__name__}: {exc}")
                 continue
@@ -391,27 +396,35 @@ class Daemon:
                 # An earlier file of the same name is still in progress; look again later.
                 self._readiness.observe(path, Seen.SCANNED, self._clock(), signature_of(path))
                 continue
-            job = self._start_job(claim, submit=not stat.S_ISLNK(st.st_mode))
-            if stat.S_ISLNK(st.st_mode):
-                self._pipeline.fail(
-                    job,
-                    "detect",
-                    "symbolic link: rmbgd never follows links; copy or move the file itself into the inbox",
-                )
+            self._start_job(claim)
 
     def _adopt_dead_peers(self) -> None:
         # A peer sharing this inbox died (its lock is free): take over its claimed files now
         # rather than waiting for some instance to restart.
-        adopted = self._work.adopt_dead_peers()
+        try:
+            adopted = self._work.adopt_dead_peers(on_error=self._adopt_failed)
+        except OSError as exc:
+            # The work area itself is unreadable right now; the next rescan tries again.
+            self._adopt_failed(self._work.root, exc)
+            return
         if adopted:
             finished = self._take_over(adopted)
             self.log.info("adopted", files=len(adopted), finished=finished)
 
-    def _start_job(self, claim: Claim, submit: bool = True) -> Job:
+    def _adopt_failed(self, path: Path, exc: OSError) -> None:
+        self.log.warning("adopt_failed", path=str(path), error=f"{type(exc).__name__}: {exc}",
+                         note="left where it is; tried again at the next rescan")
+
+    def _start_job(self, claim: Claim) -> Job:
         job = Job(claim=claim, input=self.cfg.paths.inbox / claim.rel, ready_at=time.monotonic())
         self._counters.started()
         self.log.debug("file_claimed", input=str(job.input))
-        if submit:
+        # Whatever came into the work area (claimed, recovered or adopted from a dead peer)
+        # is looked at, never opened, before decoding: a link's target is never read.
+        special = special_file_reason(claim.path)
+        if special is not None:
+            self._pipeline.fail(job, "detect", special)
+        else:
             self._pipeline.submit(job)
         return job
 

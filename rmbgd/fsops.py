@@ -8,14 +8,22 @@ size, mtime and bytes) reuses that name instead of adding a `-1` duplicate.
 from __future__ import annotations
 
 import errno
+import fcntl
 import filecmp
+import hashlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 TEMP_SUFFIX = ".rmbgd-tmp"
+# `.<owner tag>.rmbgd-owner`, flock()ed by an owner that has no work folder (`rmbgd process`)
+# at the top of each folder tree it writes temps into, for as long as it runs.
+OWNER_LOCK_SUFFIX = ".rmbgd-owner"
+OWNER_TAG_MAX = 64
+_TAG_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 NAME_MAX = 255  # bytes per path component on Linux filesystems
 
 # Errors that say the destination cannot hold this name, whatever the disk's state: retrying
@@ -46,13 +54,28 @@ def candidate_names(target: Path) -> Iterator[Path]:
         n += 1
 
 
+def owner_tag(owner: str) -> str:
+    """A bounded, file-name-safe tag that names `owner` in temp file names.
+
+    A short plain name is its own tag; anything longer or with other characters becomes a
+    readable prefix plus a hash of the whole name, so two owners never share a tag and the
+    tag of a folder's name can always be computed again to find whose temp it is.
+    """
+    if len(owner) <= OWNER_TAG_MAX and _TAG_SAFE.fullmatch(owner):
+        return owner
+    digest = hashlib.sha256(os.fsencode(owner)).hexdigest()[:20]
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "_", owner)[: OWNER_TAG_MAX - len(digest) - 1]
+    return f"{prefix}~{digest}"
+
+
 def temp_path_for(folder: Path, owner: str) -> Path:
     # Short on purpose (the final name may already be NAME_MAX long), hidden so readers and
     # watchers skip it, and tagged with the owner so only a dead owner's leftovers get removed.
-    return folder / f".{owner[:64]}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    return folder / f".{owner_tag(owner)}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
 
 
 def owner_of_temp(name: str) -> Optional[str]:
+    """The owner tag (see owner_tag) of a temp file's name; None for other names."""
     if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
         return None
     owner, _, rand = name[1 : -len(TEMP_SUFFIX)].rpartition(".")
@@ -220,31 +243,103 @@ def walk_files(top: Path, skip: Callable[[os.DirEntry], bool] = lambda entry: Fa
     """Every non-directory entry below `top`, never following symlinks.
 
     `skip` prunes entries (a skipped folder is not entered). Folders that vanish or cannot be
-    read while the walk goes on are passed over: others (the daemon, users) change these
-    trees at the same time.
+    read while the walk goes on (gone, replaced by a file or link, no permission, a path past
+    PATH_MAX) are passed over: others (the daemon, users) change these trees at the same time,
+    and one odd folder must not end the walk of the rest.
     """
     stack = [top]
     while stack:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except OSError:
             continue
         for entry in entries:
             if skip(entry):
                 continue
-            if entry.is_dir(follow_symlinks=False):
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_folder:
                 stack.append(Path(entry.path))
             else:
                 yield entry
 
 
+def owner_lock_name(tag: str) -> str:
+    return f".{tag}{OWNER_LOCK_SUFFIX}"
+
+
+class OwnerLock:
+    """Proof of life for an owner without a work folder: a locked file at the top of each
+    folder it writes temps into, so a daemon starting meanwhile keeps those temps.
+
+    Removed again on release; one left by a crash is unlocked, which is what proves its
+    owner dead.
+    """
+
+    def __init__(self, folders: Sequence[Path], owner: str) -> None:
+        self._paths = [folder / owner_lock_name(owner_tag(owner)) for folder in folders]
+        self._fds: List[int] = []
+
+    def __enter__(self) -> "OwnerLock":
+        try:
+            for path in self._paths:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                self._fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Unlinked while still locked, so nobody can judge the name dead in between.
+        fds, self._fds = self._fds, []
+        for path, fd in zip(self._paths, fds):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                continue  # left behind it is harmless: unlocked, it proves nothing alive
+            finally:
+                os.close(fd)
+
+
+def owner_lock_held(tag: str, temp: Path) -> bool:
+    """True when an OwnerLock of `tag` is held in a folder above `temp` (or next to it)."""
+    name = owner_lock_name(tag)
+    for folder in temp.parents:
+        try:
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True  # something is there that we cannot check: keep the temp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        finally:
+            os.close(fd)
+    return False
+
+
 def remove_orphan_temps(root: Path, is_dead: Callable[[str], bool]) -> int:
-    """Delete temp files left under `root` by owners that are no longer running."""
+    """Delete temp files left under `root` by owners proven to be no longer running.
+
+    `is_dead` judges an owner tag by its work folder's lock; an owner without one (`rmbgd
+    process`) is alive while it holds its OwnerLock above the temp.
+    """
     removed = 0
     for entry in walk_files(root):
-        owner = owner_of_temp(entry.name)
-        if owner is not None and is_dead(owner):
-            Path(entry.path).unlink(missing_ok=True)
+        tag = owner_of_temp(entry.name)
+        if tag is None:
+            continue
+        path = Path(entry.path)
+        if not owner_lock_held(tag, path) and is_dead(tag):
+            path.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -6,6 +6,7 @@ the watcher, which must start quickly, so it never imports torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -318,28 +319,48 @@ def _pillow_warnings_silenced() -> Iterator[None]:
 
 
 def _open_regular_file(path: str | os.PathLike):
+    """Open `path` for reading only if it is a regular file itself (never a link's target).
+
+    The entry is looked at with lstat first, so a FIFO, socket or device node is never
+    opened at all (that could block or have side effects); O_NOFOLLOW keeps a link swapped
+    in after that look from being followed, and the descriptor's own fstat is what counts.
+    """
     try:
-        # O_NONBLOCK so a FIFO dropped into the inbox cannot hang the decoder on open;
-        # it has no effect on regular files.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except IsADirectoryError as exc:
-        raise ImageError("is a directory, not an image file") from exc
+        before = os.lstat(path)
     except FileNotFoundError as exc:
         raise ImageError("file not found (it may have been moved or deleted)") from exc
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or _one_line(exc)}") from exc
+    _require_regular(before.st_mode)
+    try:
+        # O_NONBLOCK: should a FIFO be swapped in after the lstat, opening it cannot hang
+        # the decoder; it has no effect on regular files.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise ImageError("file not found (it may have been moved or deleted)") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("symbolic link: never followed") from exc
+        raise ImageError(f"cannot read file: {exc.strerror or _one_line(exc)}") from exc
     try:
         info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageError("is a directory, not an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError("not a regular file")
+        _require_regular(info.st_mode)
         if info.st_size == 0:
             raise ImageError("empty file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _require_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise ImageError("is a directory, not an image file")
+    if stat.S_ISLNK(mode):
+        raise ImageError("symbolic link: never followed")
+    raise ImageError("not a regular file")
 
 
 @lru_cache(maxsize=1)

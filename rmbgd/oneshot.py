@@ -9,6 +9,7 @@ path below the folder it was found in, and the command exits when all are done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,12 +30,12 @@ from rmbgd.config import (
     load_config,
     parse_config,
 )
-from rmbgd.fsops import NAME_ERRNOS, move_unique, publish_bytes, shorten_name, walk_files
+from rmbgd.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, shorten_name, walk_files
 from rmbgd.job import Counters, Job
 from rmbgd.names import is_ignored_name
 from rmbgd.pipeline import Pipeline, PublishError
 from rmbgd.publisher import Delivery
-from rmbgd.workarea import default_instance_name
+from rmbgd.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
 
 __all__ = [
     "EXIT_FAILED",
@@ -63,6 +64,7 @@ TICK_SECONDS = 0.1
 WRITE_ATTEMPTS = 3
 
 _OPTION_OF_KEY = {"model.name": "--model", "model.device": "--device"}
+_PROCESS_SYMLINK_REASON = "symbolic link: rmbgd never follows links; give the file itself"
 
 
 class UsageError(Exception):
@@ -117,7 +119,9 @@ def plan(paths: Sequence[str], out: str, done: Optional[str] = None) -> Plan:
         found = _below(raw, path, result.ignored) if path.is_dir() else [Source(PurePath(path.name), path, raw)]
         for source in found:
             # The same file named twice (or given and also found in a folder) is done once.
-            real = os.path.realpath(source.path)
+            # Its own name is not resolved: a link is an input of its own (that fails), never
+            # a stand-in for its target.
+            real = os.path.join(os.path.realpath(source.path.parent), source.path.name)
             if real not in seen:
                 seen.add(real)
                 result.sources.append(source)
@@ -550,7 +554,23 @@ class Runner:
         return self._finish(started, healthy)
 
     def _process(self, segmenter: Any) -> bool:
-        publisher = OneShotPublisher(self._plan.out, self._plan.done, default_owner())
+        owner = default_owner()
+        # Our temps in --out and --done have no work folder to vouch for us: this lock keeps
+        # a daemon that starts meanwhile (sharing those folders) from deleting them as orphans.
+        with contextlib.ExitStack() as stack:
+            for folder in (self._plan.out, self._plan.done):
+                if folder is None:
+                    continue
+                try:
+                    stack.enter_context(OwnerLock([folder], owner))
+                except OSError as exc:
+                    # Writing there will most likely fail too, and say so per file.
+                    self._log.warning("owner_lock_failed", folder=str(folder), error=str(exc),
+                                      note="a daemon starting now could remove this run's temp files there")
+            return self._process_as(segmenter, owner)
+
+    def _process_as(self, segmenter: Any, owner: str) -> bool:
+        publisher = OneShotPublisher(self._plan.out, self._plan.done, owner)
         pipeline = Pipeline(self._cfg, segmenter, publisher, self._counters, self._log, on_finished=self._finished)
         pipeline.start()
         self._log.info(
@@ -600,7 +620,13 @@ class Runner:
     def _submit(self, pipeline: Pipeline, source: Source) -> None:
         job = Job(claim=source, input=source.path, ready_at=time.monotonic())
         self._counters.started()
-        pipeline.submit(job)
+        # Looked at, never opened: a link's target is never read, whether the link was
+        # given on the command line or found in a folder.
+        special = special_file_reason(source.path)
+        if special is not None:
+            pipeline.fail(job, "detect", _PROCESS_SYMLINK_REASON if special == SYMLINK_REASON else special)
+        else:
+            pipeline.submit(job)
 
     def _finished(self, job: Job) -> None:
         # Called from the pipeline's threads once a file is done or failed.

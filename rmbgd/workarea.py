@@ -22,13 +22,21 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
-from rmbgd.fsops import walk_files
+from rmbgd.fsops import owner_tag, walk_files
 from rmbgd.names import PRIVATE_DIR
 
 LOCK_NAME = ".lock"
 INTENT_SUFFIX = ".intent"
+# How often a move into our folder is retried when the folder it needs is removed under it
+# (release_dirs, run from the encode pool, removes emptied folders while claims come in).
+MOVE_ATTEMPTS = 8
+
+SYMLINK_REASON = "symbolic link: rmbgd never follows links; copy or move the file itself into the inbox"
+
+# Called with the path and the error for each dead peer's file that could not be taken over.
+OnAdoptError = Callable[[Path, OSError], None]
 
 
 @dataclass(frozen=True)
@@ -81,19 +89,48 @@ class WorkArea:
 
     # -- claiming ---------------------------------------------------------------------------
     def claim(self, source: Path) -> Optional[Claim]:
-        """Atomically take `source` (a path in the inbox); None if it is gone or not claimable now."""
-        rel = source.relative_to(self.inbox)
+        """Atomically take `source` (a path in the inbox); None if it is gone or not claimable now.
+
+        Raises FileNotFoundError when a folder on the way to it is now a symbolic link: what
+        that path names is no longer in the inbox and must not be moved.
+        """
+        rel = PurePath(source.relative_to(self.inbox))
         target = self.dir / rel
         if os.path.lexists(target):
             # Same relative name still in progress from an earlier drop: rename(2) would replace
             # it, so this one waits in the inbox until the earlier one is finished.
             return None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(source, target)
-        except FileNotFoundError:
-            return None  # another instance (or the user) took it first
-        return Claim(rel=PurePath(rel), path=target)
+            self._move_in(self.inbox, rel, target)
+        except FileNotFoundError as exc:
+            if exc.errno == errno.ENOENT and exc.filename is None:
+                return None  # another instance (or the user) took it first
+            raise
+        return Claim(rel=rel, path=target)
+
+    def _move_in(self, top: Path, rel: PurePath, target: Path) -> None:
+        """rename(top/rel → target) without following a symlink anywhere below `top`.
+
+        The source folder is opened component by component with O_NOFOLLOW, so a folder
+        swapped for a link after it was scanned can never make us move a file from outside.
+        A source that is gone raises FileNotFoundError without a filename.
+        """
+        folder_fd = _open_folder_nofollow(top, rel.parent)
+        try:
+            for attempt in range(MOVE_ATTEMPTS):
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(rel.name, target, src_dir_fd=folder_fd)
+                    return
+                except FileNotFoundError:
+                    # Either the source is gone, or release_dirs removed the (empty) folder
+                    # we just made before the rename landed in it: then make it again.
+                    if os.path.isdir(target.parent):
+                        raise FileNotFoundError(errno.ENOENT, "gone") from None
+                    if attempt == MOVE_ATTEMPTS - 1:
+                        raise
+        finally:
+            os.close(folder_fd)
 
     def release_dirs(self, claim: Claim) -> None:
         """Remove folders left empty under our area after a claim is finished."""
@@ -106,44 +143,64 @@ class WorkArea:
             parent = parent.parent
 
     # -- recovery ---------------------------------------------------------------------------
-    def recover(self) -> List[Claim]:
+    def recover(self, on_error: Optional[OnAdoptError] = None) -> List[Claim]:
         """At start-up: our own leftovers (a reused instance name) and dead instances' claims."""
         if not self.root.is_dir():
             return []
         # Our own folder first, before it receives adopted files.
-        adopted = self._own_leftovers() + self.adopt_dead_peers()
+        adopted = self._own_leftovers() + self.adopt_dead_peers(on_error)
         self._drop_orphan_intents()
         return adopted
 
-    def adopt_dead_peers(self) -> List[Claim]:
-        """Claims of instances whose lock is free; safe to call while we are working."""
+    def adopt_dead_peers(self, on_error: Optional[OnAdoptError] = None) -> List[Claim]:
+        """Claims of instances whose lock is free; safe to call while we are working.
+
+        A file (or a whole folder) that cannot be taken over is reported to `on_error` and
+        left where it is for a later try; it never stops the others.
+        """
         adopted: List[Claim] = []
         if not self.root.is_dir():
             return adopted
         for other in sorted(self.root.iterdir()):
             if other == self.dir or not other.is_dir() or other.is_symlink():
                 continue
-            fd = _lock(other / LOCK_NAME)
+            try:
+                fd = _lock(other / LOCK_NAME)
+            except FileNotFoundError:
+                continue  # another instance adopted and removed it meanwhile
+            except OSError as exc:
+                # A lock that is a symlink (never followed) or unreadable proves nothing.
+                if on_error is not None:
+                    on_error(other / LOCK_NAME, exc)
+                continue
             if fd is None:
                 continue  # alive: its owner is still working on those files
             try:
-                adopted.extend(self._adopt(other))
+                adopted.extend(self._adopt(other, on_error))
             finally:
                 os.close(fd)
         return adopted
 
-    def _adopt(self, other: Path) -> List[Claim]:
-        """Move a dead instance's claims (and their intents) into our folder."""
+    def _adopt(self, other: Path, on_error: Optional[OnAdoptError] = None) -> List[Claim]:
+        """Move a dead instance's claims (and their intents) into our folder.
+
+        Entries are moved as they are, links and FIFOs included (never opened or followed):
+        the daemon sends whatever is not a regular file to errors/.
+        """
         adopted: List[Claim] = []
         for path in list(self._files(other, hidden=True)):
-            rel = path.relative_to(other)
+            rel = PurePath(path.relative_to(other))
             target = self.dir / rel
             if os.path.lexists(target):
                 continue  # left for a later recovery; never overwrite a claim
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, target)
+            try:
+                self._move_in(other, rel, target)
+            except OSError as exc:
+                if not (isinstance(exc, FileNotFoundError) and exc.filename is None) and on_error is not None:
+                    on_error(path, exc)
+                continue  # gone meanwhile, or left for a later adoption
             if not path.name.startswith("."):
-                adopted.append(Claim(rel=PurePath(rel), path=target))
+                adopted.append(Claim(rel=rel, path=target))
         _remove_tree_if_empty(other, keep_lock=False)
         return adopted
 
@@ -155,17 +212,32 @@ class WorkArea:
             if path.name.startswith(".") and path not in keep:
                 path.unlink(missing_ok=True)
 
-    def is_dead(self, instance: str) -> bool:
-        """True when no running process holds `instance`'s lock (its folder may be gone)."""
-        if instance == self.instance:
+    def is_dead(self, tag: str) -> bool:
+        """True when no running instance has this owner tag (fsops.owner_tag of its name).
+
+        A daemon's work folder exists, locked, for its whole life, so an owner with no
+        folder here, or whose folders' locks are all free, is dead. Tags of other kinds of
+        owners (`rmbgd process`) have no folder and are judged dead here: their own liveness
+        lock is checked before this (fsops.remove_orphan_temps).
+        """
+        if tag == owner_tag(self.instance):
             return False
-        folder = self.root / instance
-        if not folder.is_dir():
+        try:
+            folders = [entry for entry in os.scandir(self.root) if owner_tag(entry.name) == tag]
+        except FileNotFoundError:
             return True
-        fd = _lock(folder / LOCK_NAME)
-        if fd is None:
-            return False
-        os.close(fd)
+        for entry in folders:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                fd = _lock(Path(entry.path) / LOCK_NAME)
+            except FileNotFoundError:
+                continue  # removed meanwhile: that owner is gone
+            except OSError:
+                return False  # cannot tell: never delete what might be in use
+            if fd is None:
+                return False
+            os.close(fd)
         return True
 
     def _own_leftovers(self) -> List[Claim]:
@@ -189,8 +261,11 @@ class WorkArea:
 
 
 def _lock(path: Path) -> Optional[int]:
-    """Open and exclusively flock `path`; None when someone else holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Open and exclusively flock `path`; None when someone else holds it.
+
+    O_NOFOLLOW: a dead peer's folder may hold a `.lock` that is a symlink to anything.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -212,6 +287,53 @@ def _remove_tree_if_empty(top: Path, keep_lock: bool) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
                 raise
+
+
+def _open_folder_nofollow(top: Path, rel: PurePath) -> int:
+    """A descriptor of top/rel, reached without following any symlink below `top`.
+
+    A component that is a link (or no folder) raises FileNotFoundError naming the path: what
+    the path names now lies outside `top`, as far as we are concerned.
+    """
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in rel.parts:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+                    raise FileNotFoundError(errno.ENOENT, "not a folder inside the inbox", os.fspath(top / rel)) from None
+                raise
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def special_file_reason(path: Path) -> Optional[str]:
+    """Why a claimed entry is no image file to open (stage `detect`); None for a regular file
+    (or one that is gone: the caller finds that out when it opens it).
+
+    Looked at with lstat only: a link's target is never read, a FIFO, socket or device never
+    opened (opening one could block or have side effects).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return SYMLINK_REASON
+    if stat.S_ISFIFO(mode):
+        return "not a regular file (a FIFO): never opened"
+    if stat.S_ISSOCK(mode):
+        return "not a regular file (a socket): never opened"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "not a regular file (a device node): never opened"
+    return "not a regular file"
 
 
 def is_regular_file(path: Path) -> bool:

@@ -842,6 +842,47 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     assert time.perf_counter() - started < 5
 
 
+
+def test_regression_symlink_target_is_never_read(tmp_path):
+    # Finding 3: every input is opened with O_NOFOLLOW, so a link (to an image, to a FIFO
+    # that would block, dangling) is refused as a link and its target never opened.
+    target = save(tmp_path, "secret.png", Image.fromarray(pattern()))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for name, points_to in (("link.png", target), ("to_fifo.png", fifo), ("dangling.png", tmp_path / "nothing")):
+        (tmp_path / name).symlink_to(points_to)
+        expect_image_error(tmp_path / name, "^symbolic link: never followed$")
+
+
+def test_link_swapped_in_after_the_look_is_not_followed(tmp_path, monkeypatch):
+    # The lstat sees a regular file; by the time of the open it is a link: O_NOFOLLOW refuses.
+    target = save(tmp_path, "secret.png", Image.fromarray(pattern()))
+    path = tmp_path / "input.png"
+    path.write_bytes(target.read_bytes())
+    real_lstat = os.lstat
+
+    def lstat_then_swap(name, *args, **kwargs):
+        result = real_lstat(name, *args, **kwargs)
+        if os.fspath(name) == os.fspath(path):
+            path.unlink()
+            path.symlink_to(target)
+        return result
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    expect_image_error(path, "^symbolic link: never followed$")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_never_opened(tmp_path, monkeypatch):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    expect_image_error(fifo, "not a regular file")
+    assert opened == []
+
+
 # --------------------------------------------------------------------------- size limits
 
 

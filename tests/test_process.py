@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rmbgd.fsops import OwnerLock, write_temp
+from rmbgd.oneshot import default_owner
 from tests.support.daemon import REPO, subprocess_env, write_config
+from tests.support.hostile import OpenWatch
 from tests.support.photos import check_output, interior, pattern, save
 from tests.support.tinymodel import expected_alpha
 
@@ -283,6 +286,55 @@ def test_model_and_device_options_without_config(runs, tiny_model, tmp_path):
     check_output(out / "in.png", rgb)
     (ready,) = result.events("ready")
     assert ready["model"] == str(tiny_model) and ready["device"] == "cpu"
+
+
+
+def test_regression_process_never_reads_a_symlink_target(runs, config, tmp_path):
+    # Finding 3: a link given on the command line or found in a folder was decoded through.
+    secret_dir = tmp_path / "secret"
+    secret = save(pattern(37, 29, (0.0, 0.0, 1.0, 1.0)), secret_dir / "secret.png")
+    before = (secret.read_bytes(), os.stat(secret).st_mtime_ns)
+    photos = tmp_path / "photos"
+    rgb = pattern(80, 60, (0.2, 0.2, 0.8, 0.8))
+    save(rgb, photos / "ok.png")
+    (photos / "link.png").symlink_to(secret)
+    given = tmp_path / "given.png"
+    given.symlink_to(secret)
+    out = tmp_path / "out"
+    watch = OpenWatch([secret_dir])
+    try:
+        result = runs.run(photos, given, "--out", out, "--config", config)
+        opened = watch.events()
+    finally:
+        watch.close()
+
+    assert result.code == 1, result
+    assert opened == [], "a link's target was opened"
+    assert tree(out) == {"ok.png"}, "nothing published from a link"
+    check_output(out / "ok.png", rgb)
+    failed = {Path(r["input"]).name: r for r in result.events("file_failed")}
+    assert set(failed) == {"link.png", "given.png"}
+    assert all(r["stage"] == "detect" and r["error"].startswith("symbolic link") for r in failed.values())
+    assert (secret.read_bytes(), os.stat(secret).st_mtime_ns) == before
+    assert os.readlink(given) == str(secret) and os.readlink(photos / "link.png") == str(secret)
+
+
+def test_regression_daemon_start_keeps_the_temps_of_a_running_process(daemons, folders):
+    # Finding 8: `rmbgd process` temps have no work folder, so a starting daemon took them
+    # for a dead owner's and deleted them mid-publish. Its OwnerLock (held here, in-test,
+    # as a running `rmbgd process --out outbox/batch` holds it) now keeps them.
+    batch = folders.outbox / "batch"
+    (batch / "sub").mkdir(parents=True)
+    owner = default_owner()
+    with OwnerLock([batch], owner):
+        live = write_temp(b"being published", batch / "sub", owner)
+        crashed = write_temp(b"left by a crashed run", folders.outbox, "process-elsewhere-1")
+        daemon = daemons.start()
+        (recovered,) = daemon.events("recovered")
+        assert live.exists(), "a running process's temp survives a daemon start"
+        assert not crashed.exists(), "a dead one's does not"
+        assert recovered["temp_files_removed"] == 1
+        assert daemon.stop() == 0
 
 
 # --------------------------------------------------------------------------- terminal
