@@ -31,6 +31,10 @@ LOCK_NAME = ".lock"
 INTENT_SUFFIX = ".intent"
 
 
+class WorkAreaLocked(RuntimeError):
+    """Another running process holds this instance's work area (it has the same name)."""
+
+
 @dataclass(frozen=True)
 class Claim:
     rel: PurePath   # path relative to the inbox, as the user dropped it
@@ -67,7 +71,7 @@ class WorkArea:
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = _lock(self.dir / LOCK_NAME)
         if fd is None:
-            raise RuntimeError(f"work area {self.dir} is locked by another running instance")
+            raise WorkAreaLocked(f"work area {self.dir} is locked by another running instance")
         self._lock_fd = fd
 
     def close(self) -> None:
