@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from rmbgd.cpus import available_cpus
 from rmbgd.profiles import Profile, compile_glob, glob_problem, output_for
 
 __all__ = [
@@ -906,10 +907,11 @@ def prepare_folders(cfg: Config) -> None:
 
 
 def effective_workers(cfg: Config) -> int:
-    """Decode/encode threads: the configured count, or one per CPU core when it is 0."""
+    """Decode/encode threads: the configured count, or one per usable CPU when it is 0
+    (the affinity mask and a cgroup CPU quota count, not just the host's cores)."""
     if cfg.pipeline.workers > 0:
         return cfg.pipeline.workers
-    return max(1, os.cpu_count() or 1)
+    return available_cpus()
 
 
 def effective_max_in_flight(cfg: Config) -> int:

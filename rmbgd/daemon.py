@@ -37,8 +37,8 @@ from rmbgd.publisher import Publisher
 from rmbgd.metrics import MetricsUnavailable
 from rmbgd.readiness import Readiness, Seen
 from rmbgd.service import Service
-from rmbgd.watcher import RESCAN, SCAN_DIR, Watcher, scan, signature_of
-from rmbgd.workarea import Claim, WorkArea, special_file_reason
+from rmbgd.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
+from rmbgd.workarea import Claim, WorkArea, WorkAreaLocked, special_file_reason
 
 TICK_SECONDS = 0.1
 # Posted by worker threads when a job finishes, so the main loop claims the next file at once.
@@ -108,7 +108,14 @@ class Daemon:
 
     @property
     def stop_requested(self) -> bool:
-        return self._signals > 0
+        # A broken stdout pipe stops the daemon like a SIGTERM (logs.py).
+        return self._signals > 0 or logs.reader_gone()
+
+    def _stop_reason(self) -> Optional[str]:
+        return self._signal_name or ("log_reader_gone" if logs.reader_gone() else None)
+
+    def _stop_code(self) -> int:
+        return EXIT_OK if self._signals or not logs.reader_gone() else logs.EXIT_LOG_READER_GONE
 
     def _check_forced(self) -> None:
         if self._signals >= 2:
@@ -117,6 +124,14 @@ class Daemon:
 
     # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
+        """The exit code; raises StartupError, after recording it for `rmbgd status`."""
+        try:
+            return self._run()
+        except StartupError as exc:
+            self._service.failed(str(exc))
+            raise
+
+    def _run(self) -> int:
         cfg = self.cfg
         self.log.info(
             "starting",
@@ -134,13 +149,21 @@ class Daemon:
         with self._service.loading_model(cfg.model.name):
             segmenter = self._load_model()
         if self.stop_requested:
-            self.log.info("stopping", reason=self._signal_name, during="startup")
+            self.log.info("stopping", reason=self._stop_reason(), during="startup")
             self._service.stopping()
             self.log.info("stopped", **self._counters.snapshot())
             self._service.stopped(self._counters.snapshot())
-            return EXIT_OK
+            return self._stop_code()
 
-        self._work.open()
+        self._open_work_area()
+        # Before recovery and the pipeline: when the kernel refuses the watches, nothing has
+        # been taken on yet that would have to be drained.
+        self._watcher = Watcher(cfg.paths.inbox, self._on_watch_event, polling=cfg.watch.polling)
+        try:
+            self._watcher.start()
+        except WatchUnavailable as exc:
+            self._work.close()
+            raise StartupError(str(exc)) from None
         self._publisher = Publisher(cfg.paths, owner=self._work.instance)
         self._pipeline = Pipeline(
             cfg,
@@ -153,9 +176,6 @@ class Daemon:
         )
         self._pipeline.start()
         self._recover()
-
-        self._watcher = Watcher(cfg.paths.inbox, self._on_watch_event, polling=cfg.watch.polling)
-        self._watcher.start()
         self._scan(cfg.paths.inbox)
         self.log.info(
             "ready",
@@ -179,6 +199,22 @@ class Daemon:
             self._shutdown(EXIT_FAILURE)
             raise
         return self._shutdown(code)
+
+    def _open_work_area(self) -> None:
+        try:
+            self._work.open()
+        except WorkAreaLocked:
+            # The lock is per instance name (short host name + pid), so its holder has ours.
+            raise StartupError(
+                f"the work area {self._work.dir} is locked by another running process named "
+                f"{self._work.instance} (short host name and pid): hosts sharing this inbox "
+                "have the same short host name, or containers with one host name run rmbgd as "
+                "the same pid; give each host or container its own host name"
+            ) from None
+        except OSError as exc:
+            raise StartupError(
+                f"paths.inbox: cannot create the work area {self._work.dir}: {exc.strerror or exc}"
+            ) from None
 
     def _recover(self) -> None:
         """Before `ready`: finish what a crashed predecessor (or dead peer) left half done."""
@@ -260,7 +296,7 @@ class Daemon:
                 in_flight=counts["in_flight"],
                 healthy=self._healthy(),
             )
-        return EXIT_OK
+        return self._stop_code()
 
     def _healthy(self) -> bool:
         # A model call that hangs (a wedged GPU) stops the watchdog pings, and systemd restarts
@@ -310,7 +346,7 @@ class Daemon:
         self._service.reloaded(applied.logging.progress_seconds)
 
     def _shutdown(self, code: int) -> int:
-        self.log.info("stopping", reason=self._signal_name or "failure", **self._counters.snapshot())
+        self.log.info("stopping", reason=self._stop_reason() or "failure", **self._counters.snapshot())
         self._service.stopping()
         self._watcher.stop()
         self._pipeline.stop_intake()

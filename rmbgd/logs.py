@@ -12,6 +12,12 @@ while `journalctl -o cat` still shows the bare JSON.
 that the path still names the file it has open, so logrotate's rename-and-create (or a plain
 `rm`) is followed without any signal; `reopen()` forces it for those who prefer a postrotate
 `systemctl reload`. copytruncate works too, since the file is opened for appending.
+
+When the reader of stdout goes away (`rmbgd run | head`, a `jq` that exited, a journald that
+lost the stream) the first write fails with EPIPE. Nothing can be logged any more, so the
+handler says so once on stderr, stops writing and raises a flag (reader_gone()) that the
+daemon's and `rmbgd process`'s main loops read: they stop as for SIGTERM and exit with
+EXIT_LOG_READER_GONE.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -27,6 +34,14 @@ from typing import IO, Optional
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+# The exit status after the log reader went away: the one a shell reports for a program that
+# SIGPIPE ended (`yes | head`), and not 0, so that systemd's Restart=on-failure brings a daemon
+# whose journal stream broke back with a fresh one instead of leaving it stopped.
+EXIT_LOG_READER_GONE = 128 + signal.SIGPIPE
+
+# Set by the stdout handler on EPIPE; read by the main loops (a handler must not stop anything).
+_reader_gone = threading.Event()
 
 _SHARED = [
     structlog.contextvars.merge_contextvars,
@@ -76,7 +91,56 @@ def is_journal_stream(stream: IO[str], environ: Optional[dict] = None) -> bool:
         return False
 
 
-class _JournalHandler(logging.StreamHandler):
+def reader_gone() -> bool:
+    """Whether stdout's reader went away: the daemon then stops, as after a SIGTERM."""
+    return _reader_gone.is_set()
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """JSON lines on stdout, until the reader of stdout goes away (EPIPE)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _reader_gone.is_set():
+            return  # no write attempt once the pipe is known to be broken
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # Called by emit() with the exception being handled; the stdlib default would print a
+        # "--- Logging error ---" traceback on stderr for this and every later line.
+        if not isinstance(sys.exc_info()[1], BrokenPipeError):
+            super().handleError(record)
+            return
+        if _reader_gone.is_set():
+            return
+        _reader_gone.set()
+        _silence(self.stream)
+        try:
+            sys.stderr.write(
+                "rmbgd: the log reader went away (stdout: broken pipe); stopping after the files in flight\n"
+            )
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            return  # stderr went with it (`2>&1 | head`): nobody is left to tell
+
+
+def _silence(stream: IO[str]) -> None:
+    """Point the broken stream's descriptor at /dev/null.
+
+    The interpreter flushes stdout once more at exit; the part of a line still buffered would
+    fail again and print "Exception ignored ... BrokenPipeError" on stderr.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's StringIO): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+class _JournalHandler(_StdoutHandler):
     def format(self, record: logging.LogRecord) -> str:
         return f"<{journal_priority(record.levelno)}>{super().format(record)}"
 
@@ -155,7 +219,8 @@ def configure(
     """
     global _file_handler
     out = stream or sys.stdout
-    handler = _JournalHandler(out) if is_journal_stream(out) else logging.StreamHandler(out)
+    handler = _JournalHandler(out) if is_journal_stream(out) else _StdoutHandler(out)
+    _reader_gone.clear()
     handler.setFormatter(_json_formatter())
     root = logging.getLogger()
     with _file_lock:

@@ -127,10 +127,9 @@ def _configure_cpu_threads() -> Optional[int]:
     # An operator's OMP_NUM_THREADS (read by torch at start-up) always wins.
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads()
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # no sched_getaffinity off Linux
-        available = os.cpu_count() or 1
+    from rmbgd.cpus import available_cpus  # the count config.effective_workers uses too
+
+    available = available_cpus()
     threads = cpu_threads(available)
     torch.set_num_threads(threads)
     return threads

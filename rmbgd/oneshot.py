@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
-from rmbgd import __version__
+from rmbgd import __version__, logs
 from rmbgd.config import (
     Config,
     ConfigError,
@@ -524,7 +524,8 @@ class Runner:
 
     @property
     def interrupted(self) -> bool:
-        return self._signals > 0
+        # A broken stdout pipe stops the run like a Ctrl-C (logs.py).
+        return self._signals > 0 or logs.reader_gone()
 
     # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -611,7 +612,7 @@ class Runner:
                 upcoming = next(pending, None)
             if self.interrupted and not announced:
                 announced = True
-                self._log.info("stopping", reason=self._signal_name, **self._counters.snapshot())
+                self._log.info("stopping", reason=self._signal_name or "log_reader_gone", **self._counters.snapshot())
             if self._counters.in_flight == 0 and (upcoming is None or self.interrupted):
                 return True
             self._wake.wait(TICK_SECONDS)
@@ -655,7 +656,7 @@ class Runner:
         self._log.info("summary", **summary.fields())
         self._report.summary(summary)
         if self.interrupted:
-            return EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED if self._signals else logs.EXIT_LOG_READER_GONE
         if not healthy or summary.failed or summary.unfinished:
             return EXIT_FAILED
         return EXIT_OK

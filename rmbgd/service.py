@@ -82,6 +82,13 @@ class Service:
         self.notifier.stopping()
         self.status.set_state("stopping")
 
+    def failed(self, error: str) -> None:
+        """The start failed: `rmbgd status` and `systemctl status` show why."""
+        self.status.fail(error)
+        self.notifier.status(f"failed to start: {error}")
+        self.metrics.close()
+        self.notifier.close()
+
     def stopped(self, counts: Dict[str, int]) -> None:
         self.status.close(**counts)
         self.metrics.close()

@@ -42,7 +42,8 @@ MIN_WRITE_INTERVAL_SECONDS = 1.0
 STALE_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
 RATE_WINDOW_SECONDS = 60.0
 
-STATES = ("starting", "loading", "ready", "reloading", "stopping", "stopped")
+# "failed": the start failed; `startup_error` says why. Final, like "stopped".
+STATES = ("starting", "loading", "ready", "reloading", "stopping", "stopped", "failed")
 
 
 def default_state_dir(cfg: Any) -> Path:
@@ -201,6 +202,7 @@ class StatusWriter:
             "rate": None,
             "eta_seconds": None,
             "last_error": None,
+            "startup_error": None,
         }
 
     # -- what the daemon calls ----------------------------------------------------------------
@@ -267,8 +269,19 @@ class StatusWriter:
         doc["uptime_seconds"] = round(now - doc["started_unix"], 1)
         return doc
 
-    def write(self) -> bool:
-        """Rewrite the file now; False (logged once) when that is impossible."""
+    def fail(self, error: str) -> bool:
+        """The final write after a failed start: state `failed` with the reason and time.
+
+        A failure to write is not logged: the daemon's `startup_failed` line, which follows,
+        is the one thing to say, and often names the same unusable folder.
+        """
+        with self._lock:
+            self._doc.update(state="failed", startup_error={"time": iso(self._clock()), "error": error})
+            self._dirty = True
+        return self.write(report=False)
+
+    def write(self, report: bool = True) -> bool:
+        """Rewrite the file now; False (logged once, if `report`) when that is impossible."""
         with self._write_lock:
             doc = self.snapshot()
             with self._lock:
@@ -282,7 +295,8 @@ class StatusWriter:
                     self._prepared = True
                 write_atomically(self.path, doc)
             except OSError as exc:
-                self._report(exc)
+                if report:
+                    self._report(exc)
                 return False
             self._failed_logged = False
             return True
@@ -349,6 +363,8 @@ def judge(doc: Mapping[str, Any], now: Optional[float] = None) -> Tuple[Optional
     pid = doc.get("pid")
     if doc.get("state") == "stopped":
         return False, f"stopped at {doc.get('updated')}"
+    if doc.get("state") == "failed":
+        return False, f"failed to start: {_startup_error(doc)}"
     if doc.get("host") != short_hostname():
         if age > STALE_AFTER_SECONDS:
             return None, f"on host {doc.get('host')}, silent for {human_duration(age)}: probably dead"
@@ -361,6 +377,12 @@ def judge(doc: Mapping[str, Any], now: Optional[float] = None) -> Tuple[Optional
     if age > STALE_AFTER_SECONDS:
         return True, f"no update for {human_duration(age)}: the daemon may be hung"
     return True, ""
+
+
+def _startup_error(doc: Mapping[str, Any]) -> str:
+    failure = doc.get("startup_error")
+    error = failure.get("error") if isinstance(failure, dict) else None
+    return str(error) if error else "no reason recorded"
 
 
 def _pid_alive(pid: int, proc_start: Any) -> bool:
@@ -484,7 +506,7 @@ def _render_one(inst: Instance, now: float) -> List[str]:
     elif inst.running is None:
         head = "unknown"
     else:
-        head = "stopped" if doc.get("state") == "stopped" else "dead"
+        head = {"stopped": "stopped", "failed": "failed"}.get(doc.get("state"), "dead")
     lines = [
         f"rmbgd {doc.get('instance')}: {head} (pid {doc.get('pid')}, "
         f"{'up' if inst.running else 'ran for'} {human_duration(ended - started)} since {doc.get('started')})"
@@ -494,11 +516,13 @@ def _render_one(inst: Instance, now: float) -> List[str]:
     if doc.get("config"):
         lines.append(f"  config:     {doc['config']}")
     if doc.get("model"):
-        lines.append(f"  model:      {doc['model']} on {doc.get('device') or '?'}")
-    lines.append(
-        f"  files:      {doc.get('processed', 0)} processed, {doc.get('failed', 0)} failed, "
-        f"{doc.get('queued', 0)} queued, {doc.get('in_flight', 0)} in flight"
-    )
+        on = f" on {doc['device']}" if doc.get("device") else ""  # no device before the model loaded
+        lines.append(f"  model:      {doc['model']}{on}")
+    if doc.get("state") != "failed":  # nothing was taken on before a failed start
+        lines.append(
+            f"  files:      {doc.get('processed', 0)} processed, {doc.get('failed', 0)} failed, "
+            f"{doc.get('queued', 0)} queued, {doc.get('in_flight', 0)} in flight"
+        )
     if inst.running and doc.get("rate") is not None:
         rate = f"  rate:       {doc['rate']:.1f} images/s"
         if doc.get("eta_seconds"):

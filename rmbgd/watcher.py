@@ -6,12 +6,13 @@ daemon's queue); all decisions are made by the main loop, which owns the readine
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 import warnings
 from pathlib import Path, PurePath
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -26,6 +27,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from rmbgd.fsops import walk_files
@@ -38,6 +40,13 @@ SCAN_DIR = "scan_dir"
 RESCAN = "rescan"
 
 Sink = Callable[[object, Path], None]
+
+_INOTIFY_LIMITS = Path("/proc/sys/fs/inotify")
+
+
+class WatchUnavailable(Exception):
+    """The inbox cannot be watched (an inotify limit, a vanished folder); the message is one
+    line that says how to fix it."""
 
 # Opens and close-without-write are left out at the inotify level: they are what readers
 # (including our own claim checks) cause, never what a writer finishing a file causes.
@@ -104,28 +113,45 @@ class Watcher:
         # own claim folders); it re-registers the watch itself, so the warning is only noise.
         warnings.filterwarnings("ignore", message=r"Callback with id .* already exists", category=RuntimeWarning)
         self._inbox = inbox
-        self._observer = PollingObserver(timeout=poll_seconds) if polling else Observer()
-        self._observer.daemon = True
-        self._observer.name = "rmbgd-watcher"
-        self._observer.schedule(
-            _Handler(inbox, sink, polling=polling),
-            str(inbox),
-            recursive=True,
-            event_filter=WANTED_EVENTS,
-            follow_symlink=False,
-        )
+        self._handler = _Handler(inbox, sink, polling=polling)
+        self._polling = polling
+        self._poll_seconds = poll_seconds
+        self._observer: Optional[BaseObserver] = None
         # watchdog only logs an inotify queue overflow (the dropped events are gone), so its
         # log record is the one place to learn that a rescan is needed right away.
         self._overflow = _OverflowFilter(lambda: sink(RESCAN, inbox))
 
     def start(self) -> None:
+        """Raises WatchUnavailable when the kernel refuses the watches."""
         logging.getLogger("watchdog.observers.inotify").addFilter(self._overflow)
-        self._observer.start()
+        observer = None
+        try:
+            # Each step can meet an inotify limit: the observer opens an inotify instance
+            # (EMFILE), start() adds a watch per folder below the inbox (ENOSPC).
+            observer = PollingObserver(timeout=self._poll_seconds) if self._polling else Observer()
+            observer.daemon = True
+            observer.name = "rmbgd-watcher"
+            observer.schedule(
+                self._handler,
+                str(self._inbox),
+                recursive=True,
+                event_filter=WANTED_EVENTS,
+                follow_symlink=False,
+            )
+            observer.start()
+        except OSError as exc:
+            if observer is not None:
+                observer.stop()  # the inotify reader thread it already started
+            logging.getLogger("watchdog.observers.inotify").removeFilter(self._overflow)
+            raise WatchUnavailable(describe_watch_error(exc, self._inbox, _read_limit)) from exc
+        self._observer = observer
 
     def is_alive(self) -> bool:
-        return self._observer.is_alive()
+        return self._observer is not None and self._observer.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self._observer is None:
+            return  # never started
         # Stopping races watchdog's own emitter thread, which then logs a harmless ERROR
         # ("queue_events() called when the thread is inactive"); an operator must not see a
         # false error on every clean stop.
@@ -148,6 +174,45 @@ class _OverflowFilter(logging.Filter):
         if "overflow" in record.getMessage().lower():
             self._on_overflow()
         return True
+
+
+def describe_watch_error(exc: OSError, inbox: Path, limit: Callable[[str], Optional[int]]) -> str:
+    """The one-line start-up failure for an OSError from starting inotify, with the fix.
+
+    `limit(name)` reads /proc/sys/fs/inotify/<name> (None when unreadable).
+    """
+    if exc.errno == errno.ENOSPC:
+        return _limit_reached(
+            inbox, limit, "max_user_watches", 524288, "the inotify watch limit is reached",
+            "one watch per folder below the inbox, shared with every other program of this user",
+        )
+    if exc.errno == errno.EMFILE:
+        return _limit_reached(
+            inbox, limit, "max_user_instances", 1024, "the inotify instance limit is reached",
+            "one per watching program of this user (file managers, IDEs, other daemons)",
+        )
+    return f"paths.inbox: cannot watch {inbox}: {exc.strerror or exc}"
+
+
+def _limit_reached(
+    inbox: Path, limit: Callable[[str], Optional[int]], name: str, suggested: int, what: str, counts: str
+) -> str:
+    now = limit(name)
+    setting = f"fs.inotify.{name}"
+    shown = f"{setting} = {now}" if now is not None else setting
+    raise_to = max(suggested, 2 * now) if now is not None else suggested
+    return (
+        f"cannot watch {inbox}: {what} ({shown}; {counts}): raise it with "
+        f"`sysctl {setting}={raise_to}` (and in /etc/sysctl.d/ to keep it), "
+        "or set watch.polling: true"
+    )
+
+
+def _read_limit(name: str) -> Optional[int]:
+    try:
+        return int((_INOTIFY_LIMITS / name).read_text().strip())
+    except (OSError, ValueError):
+        return None  # not Linux, or /proc hidden: the message names the setting alone
 
 
 def _drop_inactive_emitter_noise(record: logging.LogRecord) -> bool:

@@ -39,6 +39,10 @@ SYMLINK_REASON = "symbolic link: rmbgd never follows links; copy or move the fil
 OnAdoptError = Callable[[Path, OSError], None]
 
 
+class WorkAreaLocked(RuntimeError):
+    """Another running process holds this instance's work area (it has the same name)."""
+
+
 @dataclass(frozen=True)
 class Claim:
     rel: PurePath   # path relative to the inbox, as the user dropped it
@@ -75,7 +79,7 @@ class WorkArea:
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = _lock(self.dir / LOCK_NAME)
         if fd is None:
-            raise RuntimeError(f"work area {self.dir} is locked by another running instance")
+            raise WorkAreaLocked(f"work area {self.dir} is locked by another running instance")
         self._lock_fd = fd
 
     def close(self) -> None:

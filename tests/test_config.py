@@ -699,11 +699,10 @@ def test_prepare_folders_permission_denied(tmp_path: Path) -> None:
 
 def test_effective_workers_and_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg(tmp_path)
-    monkeypatch.setattr(config_mod.os, "cpu_count", lambda: 6)
+    # The usable CPUs (affinity, cgroup quota: tests/test_cpus.py), not the host's count.
+    monkeypatch.setattr(config_mod, "available_cpus", lambda: 6)
     assert effective_workers(cfg) == 6
     assert effective_max_in_flight(cfg) == 2 * 8 + 6
-    monkeypatch.setattr(config_mod.os, "cpu_count", lambda: None)
-    assert effective_workers(cfg) == 1
 
     tuned = dataclasses.replace(
         cfg, pipeline=PipelineConfig(workers=2), batch=BatchConfig(size=4)

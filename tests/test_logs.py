@@ -11,12 +11,18 @@ import subprocess
 import sys
 import warnings
 
+import threading
+from pathlib import Path
+
 import pytest
 import structlog
 import yaml
 
 from rmbgd import logs
-from tests.support.daemon import REPO
+from tests.support.daemon import REPO, base_config, subprocess_env, write_config
+from tests.support.photos import pattern, save
+
+READER_GONE_LINE = "rmbgd: the log reader went away (stdout: broken pipe); stopping after the files in flight"
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +31,7 @@ def restore_logging():
     handlers, level = list(root.handlers), root.level
     yield
     logs.set_file(None)
+    logs._reader_gone.clear()  # a broken-pipe test must not stop the next test's daemon
     root.handlers = handlers
     root.setLevel(level)
     structlog.reset_defaults()
@@ -248,3 +255,127 @@ def test_the_daemon_writes_logging_file(daemons, tmp_path):
     assert "ready" in events and events[-1] == "stopped"
     # The file holds what stdout got, line for line.
     assert events == [r["event"] for r in daemon.records]
+
+
+# --------------------------------------------------------------------------- the reader goes away
+
+
+def test_a_broken_stdout_pipe_is_said_once_on_stderr_and_raises_the_flag(capsys):
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    with os.fdopen(write_fd, "w") as out:
+        logs.configure("info", stream=out)
+        assert not logs.reader_gone()
+        log = logs.get_logger()
+        log.info("one")
+        log.error("two", error="boom")
+        logging.getLogger("somelib").warning("three")
+        warnings.warn("four", UserWarning)
+        assert logs.reader_gone()
+        # The descriptor now points at /dev/null: the final flush at exit cannot fail again.
+        out.write("buffered remainder\n")
+        out.flush()
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [READER_GONE_LINE]
+    assert captured.out == ""
+
+
+def test_other_stdout_errors_are_not_taken_for_a_gone_reader(capsys):
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    logs.configure("info", stream=Full())
+    logs.get_logger().info("one")
+    assert not logs.reader_gone()
+    assert READER_GONE_LINE not in capsys.readouterr().err
+
+
+def rmbgd_popen(args: list, hf_home: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rmbgd", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=subprocess_env(hf_home), cwd=str(REPO),
+    )
+
+
+def read_until(proc: subprocess.Popen, event: str, timeout: float = 120.0) -> list:
+    """The JSON records on `proc`'s stdout up to and including the first `event`."""
+    records: list = []
+    found = threading.Event()
+
+    def reader() -> None:
+        for raw in proc.stdout:
+            records.append(json.loads(raw))
+            if records[-1].get("event") == event:
+                found.set()
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert found.is_set(), (proc.poll(), [r.get("event") for r in records])
+    return records
+
+
+def stderr_after_exit(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
+    code = proc.wait(timeout)
+    return code, proc.stderr.read().decode("utf-8", "replace")
+
+
+def drop(inbox: Path, name: str) -> None:
+    hidden = save(pattern(48, 48, (0.2, 0.2, 0.8, 0.8)), inbox / f".{name}", "PNG")
+    hidden.rename(inbox / name)
+
+
+def test_regression_closed_log_pipe_stops_the_daemon_quietly(tmp_path, tiny_model, hf_home):
+    """Finding 6: `rmbgd run | head -n1` printed a "--- Logging error ---" traceback on stderr
+    for every later line. Now: one line on stderr, a drain as for SIGTERM, exit 141."""
+    config = write_config(tmp_path / "config.yaml", base_config(tmp_path, tiny_model))
+    proc = rmbgd_popen(["run", "--config", str(config)], hf_home)
+    try:
+        read_until(proc, "ready")
+        proc.stdout.close()  # the reader goes away
+        names = ["a.png", "b.png"]
+        for name in names:
+            drop(tmp_path / "inbox", name)
+        code, err = stderr_after_exit(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == logs.EXIT_LOG_READER_GONE == 141
+    assert err.splitlines() == [READER_GONE_LINE]
+    assert "Traceback" not in err and "Logging error" not in err
+    # Nothing lost: each file was finished, or stays safely claimed (or not yet taken).
+    work = tmp_path / "inbox" / ".rmbgd" / "work"
+    for name in names:
+        finished = (tmp_path / "outbox" / name).exists() and (tmp_path / "done" / name).exists()
+        claimed = list(work.glob(f"*/{name}"))
+        waiting = (tmp_path / "inbox" / name).exists()
+        assert [finished, bool(claimed), waiting].count(True) == 1, name
+    assert not any((tmp_path / "errors").iterdir())
+
+
+def test_regression_closed_log_pipe_stops_rmbgd_process_quietly(tmp_path, tiny_model, hf_home):
+    """Finding 6, `rmbgd process`: the same one line, the files in flight finished, exit 141."""
+    config = write_config(tmp_path / "config.yaml", base_config(tmp_path, tiny_model))
+    photos = tmp_path / "photos"
+    for i in range(6):
+        save(pattern(48, 48, (0.1, 0.1, 0.7, 0.7)), photos / f"p{i}.png", "PNG")
+    before = {path.name: path.read_bytes() for path in photos.iterdir()}
+    proc = rmbgd_popen(["process", str(photos), "--out", str(tmp_path / "out"), "--config", str(config)], hf_home)
+    try:
+        read_until(proc, "ready")
+        proc.stdout.close()
+        code, err = stderr_after_exit(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == logs.EXIT_LOG_READER_GONE
+    assert err.splitlines() == [READER_GONE_LINE]
+    # Inputs are never touched; whatever was finished is complete.
+    assert {path.name: path.read_bytes() for path in photos.iterdir()} == before
+    outputs = list((tmp_path / "out").iterdir())
+    assert all(path.suffix == ".png" and path.stat().st_size > 0 for path in outputs)

@@ -8,20 +8,34 @@ tests need no network and always see the same answers.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import importlib.util
 import json
+import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
+from watchdog.observers import inotify_c
 
-from tests.support.daemon import REPO, subprocess_env
+from rmbgd import cli, statusfile
+from rmbgd.daemon import Daemon
+from rmbgd.watcher import describe_watch_error
+from rmbgd.workarea import default_instance_name
+from tests.support.daemon import REPO, base_config, subprocess_env
+from tests.support.daemon import write_config as write_daemon_config
 from tests.support.tinymodel import build_tiny_model
 
 # Generous: a failure is expected within a few seconds of torch's import.
@@ -270,3 +284,122 @@ def test_fetch_model_with_a_bad_config(tmp_path):
     result = rmbgd(["fetch-model", "--config", str(config)], hub_env(tmp_path, offline=True))
     assert result.returncode == 2
     assert result.stderr == "model.dtype: expected auto, float16, bfloat16 or float32, got 'half'\n"
+
+
+# --------------------------------------------------------------------------- `rmbgd status` after it
+
+
+def test_regression_status_after_a_failed_start_names_the_reason(tmp_path):
+    """Finding 7: `rmbgd status` called a failed start "dead ... gone without stopping cleanly"."""
+    missing = tmp_path / "models" / "BiRefNet"
+    config = write_config(tmp_path, name=str(missing))
+    error = startup_failure(config, hub_env(tmp_path, offline=True))
+    result = rmbgd(["status", "--config", str(config)], hub_env(tmp_path, offline=True))
+    assert result.returncode == 3, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("rmbgd ") and ": failed (pid " in lines[1]
+    assert f"  note:       failed to start: {error}" in lines
+    assert "(no config.json)" in result.stdout and "without stopping cleanly" not in result.stdout
+
+
+# --------------------------------------------------------------------------- not the user's config
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """`rmbgd run` in this process with a stand-in model; signal handlers and logging restored."""
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    excepthook = threading.excepthook
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setattr(Daemon, "_load_model", lambda self: types.SimpleNamespace(device="cpu", dtype="float32"))
+    # Should the start succeed after all, stop at once instead of serving until the timeout.
+    monkeypatch.setattr(Daemon, "_main_loop", lambda self: 0)
+    yield
+    for sig, handler in saved_signals.items():
+        signal.signal(sig, handler)
+    root.handlers = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    logging.captureWarnings(False)
+    threading.excepthook = excepthook
+
+
+def failed_in_process(tmp_path: Path, capsys) -> str:
+    """Run `rmbgd run` in this process; check it failed like a user error must; return the line."""
+    config = write_daemon_config(tmp_path / "config.yaml", base_config(tmp_path, tmp_path / "model"))
+    code = cli.main(["run", "--config", str(config)])
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "Traceback" not in captured.out + captured.err
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert records[-1]["event"] == "startup_failed", [r["event"] for r in records]
+    assert "crashed" not in [r["event"] for r in records] and "ready" not in [r["event"] for r in records]
+    error = records[-1]["error"]
+    assert "\n" not in error
+    # `rmbgd status` shows it, and the work area is free for the next start.
+    (instance,) = statusfile.list_instances(tmp_path / "inbox" / ".rmbgd" / "state")
+    assert instance.doc["state"] == "failed" and instance.doc["startup_error"]["error"] == error
+    return error
+
+
+def test_regression_inotify_watch_limit_is_a_startup_failure_with_the_fix(tmp_path, capsys, in_process, monkeypatch):
+    """Finding 8: the inotify watch limit printed a crash traceback."""
+    def inotify_add_watch(fd, path, mask):  # the libc call, failing as the kernel does
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(inotify_c, "inotify_add_watch", inotify_add_watch)
+    error = failed_in_process(tmp_path, capsys)
+    assert error.startswith(f"cannot watch {tmp_path / 'inbox'}: the inotify watch limit is reached (fs.inotify.max_user_watches")
+    assert "`sysctl fs.inotify.max_user_watches=" in error and error.endswith("or set watch.polling: true")
+    assert not (tmp_path / "inbox" / ".rmbgd" / "work" / default_instance_name()).exists()
+
+
+def test_regression_inotify_instance_limit_is_a_startup_failure_with_the_fix(tmp_path, capsys, in_process, monkeypatch):
+    def inotify_init():
+        ctypes.set_errno(errno.EMFILE)
+        return -1
+
+    monkeypatch.setattr(inotify_c, "inotify_init", inotify_init)
+    error = failed_in_process(tmp_path, capsys)
+    assert "the inotify instance limit is reached (fs.inotify.max_user_instances" in error
+    assert "`sysctl fs.inotify.max_user_instances=" in error and "watch.polling: true" in error
+
+
+def test_regression_a_locked_work_area_is_a_startup_failure_naming_the_holder(tmp_path, capsys, in_process):
+    """Finding 8: a work area locked by another process printed a crash traceback."""
+    instance = default_instance_name()  # this process's, which the daemon in it will use
+    work = tmp_path / "inbox" / ".rmbgd" / "work" / instance
+    work.mkdir(parents=True)
+    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: a conflicting lock
+        error = failed_in_process(tmp_path, capsys)
+    finally:
+        os.close(fd)
+    assert error.startswith(f"the work area {work} is locked by another running process named {instance} ")
+    assert "give each host or container its own host name" in error
+
+
+@pytest.mark.parametrize(
+    ("code", "name", "now", "expected_fix"),
+    [
+        (errno.ENOSPC, "max_user_watches", 8192, "`sysctl fs.inotify.max_user_watches=524288`"),
+        (errno.ENOSPC, "max_user_watches", 1048576, "`sysctl fs.inotify.max_user_watches=2097152`"),
+        (errno.ENOSPC, "max_user_watches", None, "`sysctl fs.inotify.max_user_watches=524288`"),
+        (errno.EMFILE, "max_user_instances", 128, "`sysctl fs.inotify.max_user_instances=1024`"),
+    ],
+)
+def test_describe_watch_error(code, name, now, expected_fix):
+    limits = {name: now}
+    error = describe_watch_error(OSError(code, "limit"), Path("/srv/in"), limits.get)
+    shown = f"fs.inotify.{name} = {now}" if now is not None else f"fs.inotify.{name};"
+    assert error.startswith("cannot watch /srv/in: the inotify ") and shown in error
+    assert f"raise it with {expected_fix} (and in /etc/sysctl.d/ to keep it), or set watch.polling: true" in error
+
+
+def test_describe_other_watch_errors():
+    error = describe_watch_error(OSError(errno.ENOENT, "No such file or directory"), Path("/srv/in"), {}.get)
+    assert error == "paths.inbox: cannot watch /srv/in: No such file or directory"

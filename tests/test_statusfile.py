@@ -383,3 +383,50 @@ def test_tick_says_when_it_wrote(tmp_path):
     assert w.tick(0, 0, 0, 0) is False
     mono.now += statusfile.HEARTBEAT_SECONDS
     assert w.tick(0, 0, 0, 0) is True
+
+
+# --------------------------------------------------------------------------- a failed start
+
+
+def test_regression_status_after_a_failed_start_shows_the_reason(tmp_path):
+    """Finding 7: after a failed start `rmbgd status` said "dead ... gone without stopping
+    cleanly" with state `loading`, and not why."""
+    clock = FakeClock(1_000_000.0)
+    w = StatusWriter(tmp_path, config=Path("/etc/rmbgd/config.yaml"), clock=clock)
+    w.set_state("loading", model="/models/BiRefNet")
+    error = "model.name: /models/BiRefNet is not a model directory (no config.json): the path does not exist"
+    assert w.fail(error) is True
+    doc = read_status(w.path)
+    assert doc["state"] == "failed"
+    assert doc["startup_error"] == {"time": statusfile.iso(clock.now), "error": error}
+    # Judged not running even though this (writing) process is alive: the state is final.
+    assert judge(doc) == (False, f"failed to start: {error}")
+    text, code = report(tmp_path)
+    assert code == EXIT_NOT_RUNNING
+    lines = text.splitlines()
+    assert lines[1].startswith(f"rmbgd {w.instance}: failed (pid {os.getpid()}, ran for ")
+    assert f"  note:       failed to start: {error}" in lines
+    assert "  model:      /models/BiRefNet" in lines  # no device: the model never loaded
+    assert "without stopping cleanly" not in text and not any(line.startswith("  files:") for line in lines)
+    data = json.loads(report(tmp_path, as_json=True)[0])
+    assert data["instances"][0]["startup_error"]["error"] == error
+
+
+def test_a_failed_start_is_pruned_by_the_next_start(tmp_path):
+    StatusWriter(tmp_path, instance="old").fail("paths.outbox: not writable")
+    w = StatusWriter(tmp_path)
+    w.write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [w.path.name]
+
+
+def test_a_failed_start_that_cannot_be_written_is_not_reported_again(tmp_path):
+    (tmp_path / "file").write_text("")
+    log = RecordingLog()
+    w = StatusWriter(tmp_path / "file" / "state", log=log)
+    assert w.fail("paths.inbox: cannot create") is False
+    assert log.records == []  # the startup_failed line that follows says it all
+
+
+def test_judge_a_failed_start_without_a_reason(tmp_path):
+    path = other_doc(tmp_path, "x", state="failed", startup_error=None)
+    assert judge(read_status(path)) == (False, "failed to start: no reason recorded")
