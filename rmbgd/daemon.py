@@ -3,7 +3,8 @@
 Signal handlers only record what was asked; the main loop notices within one tick and acts:
 the first SIGTERM/SIGINT drains (the batch in flight is finished, everything else stays safely
 claimed or in the inbox for the next start), a second one exits at once, which is still safe
-because nothing is ever half-written in place.
+because nothing is ever half-written in place. While the model loads (in a worker thread, so
+the main thread keeps noticing), a signal stops at once: nothing is claimed yet.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import queue
 import signal
 import stat
 import sys
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Deque, List, Optional, Set
+from typing import Any, Callable, Deque, List, Optional, Set
 
 from rmbgd import __version__
 from rmbgd import logs
@@ -70,6 +74,31 @@ def load_model(cfg: Config, log: Any) -> Any:
         raise StartupError(str(exc)) from None
     log.info("model_warm", ms=round((time.monotonic() - started) * 1000.0, 1))
     return segmenter
+
+
+def load_model_watching(cfg: Config, log: Any, tick: Callable[[], None]) -> Any:
+    """`load_model` in a worker thread, calling `tick` every TICK_SECONDS meanwhile.
+
+    A download or load can take minutes, mostly inside torch, transformers or the network,
+    where the main thread would not get back to the daemon's own code. Waiting here instead
+    keeps the signal handling live: `tick` may end the process (os._exit), which abandons
+    the load safely, since nothing in the folders has been touched yet.
+    """
+    outcome: Future = Future()
+
+    def work() -> None:
+        try:
+            outcome.set_result(load_model(cfg, log))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, raised there
+            outcome.set_exception(exc)
+
+    # A daemon thread: a process leaving through os._exit must not wait for it either way.
+    threading.Thread(target=work, name="rmbgd-model-load", daemon=True).start()
+    while True:
+        try:
+            return outcome.result(timeout=TICK_SECONDS)
+        except FutureTimeout:
+            tick()
 
 
 class Daemon:
@@ -149,11 +178,7 @@ class Daemon:
         with self._service.loading_model(cfg.model.name):
             segmenter = self._load_model()
         if self.stop_requested:
-            self.log.info("stopping", reason=self._stop_reason(), during="startup")
-            self._service.stopping()
-            self.log.info("stopped", **self._counters.snapshot())
-            self._service.stopped(self._counters.snapshot())
-            return self._stop_code()
+            return self._stop_during_startup()
 
         self._open_work_area()
         # Before recovery and the pipeline: when the kernel refuses the watches, nothing has
@@ -266,7 +291,23 @@ class Daemon:
         return finished
 
     def _load_model(self) -> Any:
-        return load_model(self.cfg, self.log)
+        return load_model_watching(self.cfg, self.log, self._while_loading)
+
+    def _while_loading(self) -> None:
+        # Nothing is claimed or written before the model is ready, so a stop during the load
+        # (a download can take minutes) loses nothing by not waiting for it. os._exit, as for
+        # a forced stop: the load thread may be deep inside torch, which a normal interpreter
+        # shutdown around it could crash.
+        self._check_forced()
+        if self.stop_requested:
+            os._exit(self._stop_during_startup())
+
+    def _stop_during_startup(self) -> int:
+        self.log.info("stopping", reason=self._stop_reason(), during="startup")
+        self._service.stopping()
+        self.log.info("stopped", **self._counters.snapshot())
+        self._service.stopped(self._counters.snapshot())
+        return self._stop_code()
 
     def _main_loop(self) -> int:
         next_rescan = self._clock() + self.cfg.watch.rescan_seconds

@@ -20,7 +20,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -62,6 +62,17 @@ _DTYPES = ("float16", "bfloat16", "float32")
 # transformers 5's from_pretrained: a plain object as self.config, .item() on
 # tensors built on the meta device, and no post_init().
 _LEGACY_MESSAGE_RE = re.compile(r"\bmeta\b", re.IGNORECASE)
+# Terminal control sequences (colours, bold) as transformers writes into its load report.
+_ANSI_ESCAPE_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# Library messages logged at debug only: harmless, or said better by rmbgd itself.
+_QUIET_LIBRARY_MESSAGES = (
+    # BiRefNet's code imports timm's old module paths, which still work.
+    re.compile(r"^Importing from timm\.models\.\w+ is deprecated"),
+    # transformers' table of missing/unexpected weights: _check_loading_info refuses the
+    # model with the names, or (for computed buffers) moves to the legacy loader.
+    re.compile(r"\bLOAD REPORT\b"),
+)
+_NORM_WITH_STATS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
 
 _stdlib_log = logging.getLogger(__name__)
 
@@ -102,7 +113,14 @@ def dtype_for_device(device: str) -> str:
 
 
 def resolve_dtype(spec: str, device: str) -> str:
-    """Turn ``model.dtype`` into a torch dtype name for the resolved device."""
+    """Turn ``model.dtype`` into a torch dtype name for the resolved device.
+
+    float16 on the CPU is refused rather than warned about: CPUs have no fast float16
+    convolutions, so it runs about 100 times slower than float32 (a 512x512 warm-up of
+    BiRefNet_lite took 349 s instead of 4 s) for no gain in quality. A daemon in that state
+    looks alive yet falls hopelessly behind, and a warning in a log nobody reads at start-up
+    does not stop that; the fix is one config line, which the error names.
+    """
     wanted = spec.strip().lower()
     if wanted == "auto":
         return dtype_for_device(device)
@@ -110,7 +128,26 @@ def resolve_dtype(spec: str, device: str) -> str:
         raise ModelLoadError(
             f"model.dtype: expected auto, float16, bfloat16 or float32, got {spec!r}"
         )
+    if wanted == "float16" and torch.device(device).type == "cpu":
+        raise ModelLoadError(
+            "model.dtype: float16 on the CPU runs about 100 times slower than float32 "
+            f"(CPUs have no fast float16 kernels); set model.dtype: {_cpu_dtypes_that_work()}"
+        )
     return wanted
+
+
+def _cpu_dtypes_that_work() -> str:
+    if _cpu_has_bfloat16():
+        return "float32 (or auto), or bfloat16, which this CPU supports"
+    return "float32 (or auto)"
+
+
+def _cpu_has_bfloat16() -> bool:
+    """Whether oneDNN has native bfloat16 kernels for this CPU (AVX-512 BF16, AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN, or a future rename
+        return False
 
 
 def cpu_threads(available: int) -> int:
@@ -377,6 +414,11 @@ class Segmenter:
         float32 weights under autocast (BiRefNet's deformable convolution has no
         bfloat16 kernel). What still fails is a one-line ModelLoadError.
         """
+        # Model code warns on its first call too (torch.meshgrid in Swin, for one).
+        with library_messages(self._log):
+            self._warm_up()
+
+    def _warm_up(self) -> None:
         side = self._warmup_side()
         first_error: Optional[str] = None
         while True:
@@ -407,12 +449,8 @@ class Segmenter:
                 )
                 self._use_autocast()
                 continue
-            if first_error is not None and first_error != description:
-                raise ModelLoadError(
-                    f"model.dtype: {self.dtype} does not work with '{self.name}' on {self.device}: "
-                    f"{first_error}; float32 weights under {self.dtype} autocast failed too: "
-                    f"{description}; set model.dtype: float32"
-                )
+            if first_error is not None:
+                raise self._precision_failed(side, first_error, description)
             raise self._warmup_failed(description)
 
     def _warmup_side(self) -> int:
@@ -438,6 +476,31 @@ class Segmenter:
         self._autocast_dtype = self._compute_dtype
         self.precision = "autocast"
         self._set_input_dtype(torch.float32)
+
+    def _precision_failed(self, side: int, first_error: str, description: str) -> ModelLoadError:
+        """Neither weights in the dtype nor autocast to it ran: blame model.dtype if float32 runs.
+
+        Whether the model works at all is only known by trying float32; an error the same
+        under both (BiRefNet's deformable convolution on a CPU) says nothing by itself.
+        """
+        self._autocast_dtype = None
+        self.precision = "weights"
+        float32_error = self._warmup_error(side)
+        if float32_error is not None:
+            return ModelLoadError(
+                f"model.name: '{self.name}' fails on a test image on {self.device} in "
+                f"{self.dtype} and in float32: {float32_error[0]}"
+            )
+        also = (
+            f"; float32 weights under {self.dtype} autocast failed too: {description}"
+            if description != first_error
+            else f" (with its weights in {self.dtype} and under {self.dtype} autocast alike)"
+        )
+        return ModelLoadError(
+            f"model.dtype: {self.dtype} does not work with '{self.name}' on {self.device}: "
+            f"{first_error}{also}; it runs in float32: set model.dtype: float32"
+            + (" (or auto)" if not self._on_cuda else "")
+        )
 
     def _warmup_failed(self, description: str) -> ModelLoadError:
         return ModelLoadError(
@@ -571,36 +634,41 @@ def _load_model(
     if local_files_only:
         hub_kwargs["local_files_only"] = True
 
-    caught: list[warnings.WarningMessage] = []
-    legacy_reason: Optional[str] = None
-    try:
-        # Remote model code may call warnings.warn, which writes to stderr;
-        # the warnings are logged instead, after loading.
-        with warnings.catch_warnings(record=True) as caught:
-            try:
-                return _from_pretrained(cfg, source, hub_kwargs, torch_dtype), LOADER_FROM_PRETRAINED
-            except Exception as exc:  # noqa: BLE001
-                # The model-loading boundary: remote model code can raise anything.
-                legacy_reason = _legacy_reason(exc)
-                if legacy_reason is None:
-                    raise _load_error(cfg, exc) from exc
-            _log_info(log, "model_legacy_fallback", name=name, reason=legacy_reason)
-            try:
-                return _load_legacy(cfg, source, hub_kwargs, torch_dtype), LOADER_LEGACY
-            except ModelLoadError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                error = _load_error(cfg, exc)
-                raise ModelLoadError(
-                    f"{error}; from_pretrained had failed with {legacy_reason} "
-                    "(the loader for older model code was tried because of that)"
-                ) from exc
-    finally:
-        for warning in caught:
-            _log_warning(log, warning)
+    with library_messages(log):
+        try:
+            model, info = _from_pretrained(cfg, source, hub_kwargs, torch_dtype)
+        except Exception as exc:  # noqa: BLE001
+            # The model-loading boundary: remote model code can raise anything.
+            legacy_reason = _legacy_reason(exc)
+            if legacy_reason is None:
+                raise _load_error(cfg, exc) from exc
+        else:
+            computed = _check_loading_info(name, model, info)
+            if not computed:
+                return model, LOADER_FROM_PRETRAINED
+            # from_pretrained builds the model on the meta device, so a buffer its __init__
+            # computes (an index table) and the checkpoint lacks is left as uninitialised
+            # memory; the legacy loader constructs the model for real and keeps it.
+            legacy_reason = (
+                f"{len(computed)} buffer(s) missing from the checkpoint would be left "
+                f"uninitialised ({_some(computed)})"
+            )
+        _log_info(log, "model_legacy_fallback", name=name, reason=legacy_reason)
+        try:
+            return _load_legacy(cfg, source, hub_kwargs, torch_dtype), LOADER_LEGACY
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            error = _load_error(cfg, exc)
+            raise ModelLoadError(
+                f"{error}; from_pretrained had failed with {legacy_reason} "
+                "(the loader for older model code was tried because of that)"
+            ) from exc
 
 
-def _from_pretrained(cfg: Any, source: str, hub_kwargs: dict, torch_dtype: torch.dtype) -> Any:
+def _from_pretrained(
+    cfg: Any, source: str, hub_kwargs: dict, torch_dtype: torch.dtype
+) -> tuple[Any, dict]:
     from transformers import AutoModelForImageSegmentation
 
     return AutoModelForImageSegmentation.from_pretrained(
@@ -609,6 +677,12 @@ def _from_pretrained(cfg: Any, source: str, hub_kwargs: dict, torch_dtype: torch
         # Explicit: transformers 5 defaults to dtype="auto", which would keep an
         # fp16 checkpoint in fp16 on CPU.
         dtype=torch_dtype,
+        # transformers only logs what it could not load and initialises it at random; the
+        # report comes back so that _check_loading_info can refuse it. Tensors of the wrong
+        # shape are listed there too, with their shapes, rather than raised about without
+        # their names.
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
         **hub_kwargs,
     )
 
@@ -686,26 +760,93 @@ def _read_safetensors(name: str, source: str, hub_kwargs: dict) -> dict[str, tor
 
 
 def _load_state_strictly(name: str, model: Any, state: dict[str, torch.Tensor]) -> None:
-    """Every parameter must come from the checkpoint and every tensor in it must be used.
+    """Every learned tensor must come from the checkpoint and every tensor in it must be used.
 
-    Buffers the checkpoint lacks are allowed: they are computed by the model's own
-    __init__ (index tables and the like), not learned.
+    Buffers the checkpoint lacks are allowed when the model's own __init__ computes them
+    (index tables and the like), which it really ran on this path.
     """
-    result = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    mismatched = [
+        (key, tuple(tensor.shape), tuple(expected[key].shape))
+        for key, tensor in state.items()
+        if key in expected and tensor.shape != expected[key].shape
+    ]
+    wrong = {key for key, _, _ in mismatched}
+    result = model.load_state_dict(
+        {key: tensor for key, tensor in state.items() if key not in wrong}, strict=False
+    )
+    missing = [key for key in result.missing_keys if key not in wrong]
+    weights, _ = _classify_missing(model, missing)
+    _raise_weight_problems(name, weights, result.unexpected_keys, mismatched, [])
+
+
+def _check_loading_info(name: str, model: Any, info: dict) -> list[str]:
+    """Refuse what from_pretrained could not load; returns the computed buffers it left out."""
+    weights, computed = _classify_missing(model, info.get("missing_keys") or ())
+    mismatched = []
+    for entry in info.get("mismatched_keys") or ():
+        if isinstance(entry, (tuple, list)) and len(entry) == 3:
+            key, stored, wanted = entry
+            mismatched.append((str(key), tuple(stored), tuple(wanted)))
+        else:  # only the name, in some transformers versions
+            mismatched.append((str(entry), None, None))
+    _raise_weight_problems(
+        name, weights, info.get("unexpected_keys") or (), mismatched, info.get("error_msgs") or ()
+    )
+    return computed
+
+
+def _classify_missing(model: Any, missing: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Checkpoint keys the model wanted but did not get: (learned ones, computed buffers).
+
+    Parameters and normalisation layers' running statistics are learned, so without them
+    the model predicts nonsense; BatchNorm's num_batches_tracked is a training counter
+    that evaluation never reads, and is not reported at all.
+    """
     buffers = {key for key, _ in model.named_buffers()}
-    missing = [key for key in result.missing_keys if key not in buffers]
+    learned_buffers = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NORM_WITH_STATS) and getattr(module, "track_running_stats", False):
+            learned_buffers.update(
+                f"{prefix}.{stat}" if prefix else stat for stat in ("running_mean", "running_var")
+            )
+    learned, computed = [], []
+    for key in sorted(missing):
+        if key not in buffers or key in learned_buffers:
+            learned.append(key)
+        elif not key.endswith("num_batches_tracked"):
+            computed.append(key)
+    return learned, computed
+
+
+def _raise_weight_problems(
+    name: str,
+    missing: Sequence[str],
+    unexpected: Iterable[str],
+    mismatched: Sequence[tuple[str, Optional[tuple], Optional[tuple]]],
+    errors: Sequence[str],
+) -> None:
+    unexpected = sorted(unexpected)
     problems = []
     if missing:
         problems.append(f"{len(missing)} weight(s) missing from the checkpoint ({_some(missing)})")
-    if result.unexpected_keys:
+    if unexpected:
         problems.append(
-            f"{len(result.unexpected_keys)} unexpected tensor(s) in the checkpoint "
-            f"({_some(result.unexpected_keys)})"
+            f"{len(unexpected)} unexpected tensor(s) in the checkpoint ({_some(unexpected)})"
         )
+    if mismatched:
+        shown = [
+            key if stored is None else f"{key}: {list(stored)} in the checkpoint, {list(wanted)} in the code"
+            for key, stored, wanted in sorted(mismatched)
+        ]
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape ({_some(shown)})")
+    if errors:
+        problems.append(f"{len(errors)} loading error(s) ({_first_line(errors[0])})")
     if problems:
         raise ModelLoadError(
             f"model.name: cannot load '{name}': its weights do not match its code: "
             + "; ".join(problems)
+            + " (an incomplete download, or weights for other code?)"
         )
 
 
@@ -753,14 +894,63 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
-def _log_warning(log: Any, warning: warnings.WarningMessage) -> None:
-    message = _first_line(warning.message)
-    category = warning.category.__name__
+@contextlib.contextmanager
+def library_messages(log: Any) -> Iterator[None]:
+    """Log what model code and transformers say meanwhile as clean one-line events.
+
+    Remote model code calls warnings.warn (timm's deprecations), and transformers logs a
+    coloured multi-line table when weights do not match. Both would otherwise reach the
+    JSON log as one event holding terminal escape codes and line breaks. Each becomes one
+    ``model_warning`` event with a one-line ``message`` (and any further lines as a
+    ``details`` list), afterwards; known-harmless ones and what rmbgd reports itself go to
+    debug. Process-wide on purpose, like _quiet_library_output: nothing else in the
+    process uses these libraries while the model loads.
+    """
+    collector = _RecordCollector()
+    library_logger = logging.getLogger("transformers")
+    propagate = library_logger.propagate
+    library_logger.addHandler(collector)
+    library_logger.propagate = False
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        library_logger.removeHandler(collector)
+        library_logger.propagate = propagate
+        for warning in caught:
+            _log_library_message(log, str(warning.message), category=warning.category.__name__)
+        for record in collector.records:
+            _log_library_message(log, record.getMessage(), logger=record.name)
+
+
+class _RecordCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def clean_lines(text: str) -> list[str]:
+    """``text`` without terminal escape codes, as its non-empty lines, each stripped."""
+    lines = (_ANSI_ESCAPE_RE.sub("", line).strip() for line in str(text).splitlines())
+    return [line for line in lines if line]
+
+
+def _log_library_message(log: Any, text: str, **origin: str) -> None:
+    lines = clean_lines(text) or ["(no message)"]
+    fields: dict[str, Any] = {**origin, "message": lines[0]}
+    if len(lines) > 1:
+        fields["details"] = lines[1:]
+    quiet = any(pattern.search(lines[0]) for pattern in _QUIET_LIBRARY_MESSAGES)
     if log is None:
-        _stdlib_log.warning("%s while loading the model: %s", category, message)
+        _stdlib_log.log(logging.DEBUG if quiet else logging.WARNING, "model_warning %s", fields)
         return
-    emit = getattr(log, "warning", log.info)
-    emit("model_warning", category=category, message=message)
+    emit = getattr(log, "debug", None) if quiet else getattr(log, "warning", log.info)
+    if emit is not None:
+        emit("model_warning", **fields)
 
 
 def _log_warning_event(log: Any, event: str, **fields: Any) -> None:

@@ -494,7 +494,8 @@ class Runner:
 
     Signal handlers only count: the first SIGINT/SIGTERM stops submitting (the files in
     flight are finished), a second one exits at once, which leaves nothing half-written
-    visible since every output appears atomically.
+    visible since every output appears atomically. While the model loads, a signal stops
+    the run at once: nothing has been started yet.
     """
 
     def __init__(self, cfg: Config, work: Plan, log: Any, report: Report, clock=time.monotonic) -> None:
@@ -518,9 +519,15 @@ class Runner:
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals += 1
         self._signal_name = signal.Signals(signum).name
-        if self._signals >= 2:
-            os._exit(EXIT_INTERRUPTED)
         self._wake.set()
+
+    def _check_forced(self) -> None:
+        if self._signals >= 2:
+            self._log.warning(
+                "stopped", reason="second signal, stopping at once", forced=True, **self._counters.snapshot()
+            )
+            self._report.close()
+            os._exit(EXIT_INTERRUPTED)
 
     @property
     def interrupted(self) -> bool:
@@ -547,12 +554,21 @@ class Runner:
         if work.sources and not self.interrupted:
             self._report.loading(self._cfg.model.name)
             # Imported here, like the model itself: `--help` must stay quick.
-            from rmbgd.daemon import load_model
+            from rmbgd.daemon import load_model_watching
 
-            segmenter = load_model(self._cfg, self._log)
+            segmenter = load_model_watching(self._cfg, self._log, lambda: self._while_loading(started))
             if not self.interrupted:
                 healthy = self._process(segmenter)
         return self._finish(started, healthy)
+
+    def _while_loading(self, started: float) -> None:
+        # Nothing has been read or written yet, so a stop loses nothing by not waiting for the
+        # load (a download can take minutes); os._exit because the load thread may be deep in
+        # torch, which a normal interpreter shutdown around it could crash.
+        self._check_forced()
+        if self.interrupted:
+            self._log.info("stopping", reason=self._signal_name, during="startup")
+            os._exit(self._finish(started, True))
 
     def _process(self, segmenter: Any) -> bool:
         owner = default_owner()
@@ -635,6 +651,7 @@ class Runner:
         self._wake.set()
 
     def _tick(self) -> None:
+        self._check_forced()
         counts = self._counters.snapshot()
         self._report.tick(counts["processed"], counts["failed"])
 

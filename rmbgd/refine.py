@@ -54,13 +54,17 @@ not of this module.
 Pixels with alpha == 255 keep their exact input colour and pixels with alpha == 0 keep theirs
 too (they are invisible; keeping them costs nothing and is deterministic): only pixels with
 0 < alpha < 255 get the estimate. torch is imported at the top because this module is only
-imported when the option is on; nothing here is global or mutable, so several threads may
-call `estimate_foreground` at once.
+imported when the option is on. On the CPU several threads may call `estimate_foreground` at
+once (nothing is shared). On a GPU, which the model shares, the calls take turns (a 12 MP
+image needs a few hundred MiB there, and the encode pool would otherwise add that up per
+thread), and one that runs out of GPU memory is done again on the CPU: the same answer,
+slower, instead of blaming the image for the state of the GPU.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -68,7 +72,10 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
+from rmbgd import logs
+from rmbgd.hub import _first_line
 from rmbgd.images import check_uint8
+from rmbgd.model import is_out_of_memory
 
 __all__ = ["estimate_foreground"]
 
@@ -100,13 +107,37 @@ class _Settings:
 _DEFAULT = _Settings()
 
 
+# One GPU refinement at a time, process-wide: the encode pool's threads would otherwise
+# each hold their temporaries on the device at once, next to the model's.
+_GPU_TURN = threading.Lock()
+
+
 def estimate_foreground(rgb: np.ndarray, alpha: np.ndarray, *, device: str = "cpu") -> np.ndarray:
     """rgb (h, w, 3) uint8, alpha (h, w) uint8 -> estimated foreground (h, w, 3) uint8.
 
     Pixels with 0 < alpha < 255 get the estimated foreground colour; all others keep the
-    input colour exactly. `device` is a torch device ("cpu", "cuda", "cuda:1", ...).
+    input colour exactly. `device` is a torch device ("cpu", "cuda", "cuda:1", ...); off
+    the CPU, calls take turns, and one that runs out of device memory runs on the CPU.
     """
-    return _estimate(rgb, alpha, device, _DEFAULT)
+    if torch.device(device).type == "cpu":
+        return _estimate(rgb, alpha, device, _DEFAULT)
+    with _GPU_TURN:
+        try:
+            return _estimate(rgb, alpha, device, _DEFAULT)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+            error = f"{type(exc).__name__}: {_first_line(exc)}"
+        # Hand what the failed attempt cached back to the model before going on.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    logs.get_logger().warning(
+        "refine_on_cpu",
+        device=device,
+        error=error,
+        reason="out of GPU memory; this image's foreground is estimated on the CPU instead",
+    )
+    return _estimate(rgb, alpha, "cpu", _DEFAULT)
 
 
 def _estimate(rgb: np.ndarray, alpha: np.ndarray, device: str, settings: _Settings) -> np.ndarray:

@@ -37,10 +37,13 @@ from rmbgd.model import (
     resolve_dtype,
 )
 from tests.support.tinymodel import (
+    BIREFNET_LITE_CODE,
     LEGACY_CLASSES,
     alpha_for_rgb,
+    build_birefnet_lite,
     build_legacy_model,
     build_tiny_model,
+    edit_weights,
     expected_alpha,
 )
 
@@ -62,15 +65,19 @@ class ModelConfig:
 
 
 class RecordingLog:
-    """A structlog-like logger keeping (event, fields) pairs."""
+    """A structlog-like logger keeping (event, fields) pairs; debug ones apart."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, dict]] = []
+        self.debug_events: list[tuple[str, dict]] = []
 
     def info(self, event: str, **fields) -> None:
         self.events.append((event, fields))
 
     warning = info
+
+    def debug(self, event: str, **fields) -> None:
+        self.debug_events.append((event, fields))
 
     def names(self) -> list[str]:
         return [event for event, _ in self.events]
@@ -588,19 +595,19 @@ def test_a_well_written_model_does_not_take_the_fallback(tiny_dir):
 
 
 def test_legacy_weights_that_do_not_match_the_code(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     model_dir = build_legacy_model(tmp_path / "legacy_extra", "no_post_init")
-    weights = model_dir / "model.safetensors"
-    state = load_file(weights)
-    state["stray.weight"] = torch.zeros(2)
-    del state["head.bias"]
-    save_file(state, weights, metadata={"format": "pt"})
+
+    def edit(state):
+        state["stray.weight"] = torch.zeros(2)
+        del state["head.bias"]
+
+    edit_weights(model_dir, edit)
     message = load_error(ModelConfig(name=str(model_dir)))
     assert message == (
         f"model.name: cannot load '{model_dir}': its weights do not match its code: "
         "1 weight(s) missing from the checkpoint (head.bias); "
-        "1 unexpected tensor(s) in the checkpoint (stray.weight)"
+        "1 unexpected tensor(s) in the checkpoint (stray.weight) "
+        "(an incomplete download, or weights for other code?)"
     )
 
 
@@ -625,6 +632,197 @@ def test_legacy_fallback_failing_too_reports_both(tmp_path):
     assert "from_pretrained had failed with AttributeError" in message
 
 
+# --------------------------------------------------------------------------- checkpoints that do not match (issue 11, finding 4)
+
+LOADERS = ["from_pretrained", "legacy"]
+
+
+def tiny_for(loader: str, dest: Path) -> Path:
+    """The tiny model, loaded by rmbgd through ``loader``."""
+    # A folder name of its own: transformers keeps a local model's code under its folder's name.
+    dest = dest.with_name(f"{dest.name}-{loader}")
+    if loader == "legacy":
+        return build_legacy_model(dest, "no_post_init")
+    return build_tiny_model(dest)
+
+
+def expect_loader(model_dir: Path, loader: str) -> None:
+    # The fixture must really go down the path under test before a fault is put in.
+    assert load_segmenter(ModelConfig(name=str(model_dir))).loader == loader
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_regression_incomplete_checkpoint_fails_to_load(tmp_path, loader):
+    model_dir = tiny_for(loader, tmp_path / "incomplete")
+    expect_loader(model_dir, loader)
+    edit_weights(model_dir, lambda state: state.pop("head.bias"))
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message.startswith(f"model.name: cannot load '{model_dir}': its weights do not match its code: ")
+    assert "1 weight(s) missing from the checkpoint (head.bias)" in message
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_regression_checkpoint_with_an_extra_tensor_fails_to_load(tmp_path, loader):
+    model_dir = tiny_for(loader, tmp_path / "extra")
+    expect_loader(model_dir, loader)
+    edit_weights(model_dir, lambda state: state.update({"stray.weight": torch.zeros(2)}))
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message.startswith(f"model.name: cannot load '{model_dir}': its weights do not match its code: ")
+    assert "1 unexpected tensor(s) in the checkpoint (stray.weight)" in message
+    assert "missing" not in message
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_checkpoint_with_a_tensor_of_the_wrong_shape_fails_to_load(tmp_path, loader):
+    model_dir = tiny_for(loader, tmp_path / "shape")
+    expect_loader(model_dir, loader)
+    edit_weights(model_dir, lambda state: state.update({"head.bias": torch.zeros(2)}))
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert message.startswith(f"model.name: cannot load '{model_dir}': its weights do not match its code: ")
+    assert "1 tensor(s) of the wrong shape (head.bias: [2] in the checkpoint, [1] in the code)" in message
+
+
+def test_many_missing_weights_are_counted_and_a_few_named(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "many")
+
+    def edit(state):
+        for index in range(5):
+            state[f"stray{index}.weight"] = torch.zeros(1)
+
+    edit_weights(model_dir, edit)
+    message = load_error(ModelConfig(name=str(model_dir)))
+    assert "5 unexpected tensor(s) in the checkpoint (stray0.weight, stray1.weight, stray2.weight, ...)" in message
+
+
+class WithBuffers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.norm = torch.nn.BatchNorm2d(1)
+        self.register_buffer("index_table", torch.arange(4))
+
+
+def test_missing_keys_are_learned_unless_the_model_computes_them():
+    from rmbgd.model import _classify_missing
+
+    missing = ["conv.weight", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "index_table"]
+    learned, computed = _classify_missing(WithBuffers(), missing)
+    # Running statistics are learned in training like weights; the batch counter is unused
+    # in evaluation; an index table is what __init__ computes.
+    assert learned == ["conv.weight", "norm.running_mean", "norm.running_var"]
+    assert computed == ["index_table"]
+
+
+def transformers_load_report(name: str) -> str:
+    """What transformers 5 logs about missing weights: a coloured, multi-line table."""
+    return (
+        f"[transformers] \x1b[1mTinySegModel LOAD REPORT\x1b[0m from: {name}\n"
+        "Key       | Status  | \n----------+---------+-\nhead.bias | MISSING | \n\nNotes:\n"
+        "- MISSING:\tthose params were newly initialized because missing from the checkpoint."
+    )
+
+
+def test_regression_library_messages_are_one_clean_line_each():
+    import warnings as python_warnings
+
+    from rmbgd.model import library_messages
+
+    log = RecordingLog()
+    with python_warnings.catch_warnings(), library_messages(log):
+        python_warnings.simplefilter("always")  # whatever pytest's -W options say
+        logging.getLogger("transformers.modeling_utils").warning("\x1b[1mSomething\x1b[0m odd\nsecond line\n")
+        logging.getLogger("transformers.modeling_utils").warning(transformers_load_report("/m"))
+        python_warnings.warn("Importing from timm.models.layers is deprecated, please import via timm.layers", FutureWarning)
+        python_warnings.warn("Importing from timm.models.registry is deprecated, please import via timm.models", FutureWarning)
+        python_warnings.warn("a \x1b[31mred\x1b[0m warning\nwith two lines", UserWarning)
+    events = log.events + log.debug_events
+    assert [event for event, _ in events] == ["model_warning"] * 5
+    for _, fields in events:
+        for value in [fields["message"], *fields.get("details", [])]:
+            assert "\x1b" not in value and "\n" not in value and value == value.strip()
+    shown = {fields["message"]: fields for _, fields in log.events}
+    assert shown["Something odd"] == {
+        "logger": "transformers.modeling_utils", "message": "Something odd", "details": ["second line"]
+    }
+    assert shown["a red warning"] == {"category": "UserWarning", "message": "a red warning", "details": ["with two lines"]}
+    # Known harmless (timm's old import paths still work), or said by rmbgd itself (the table).
+    quiet = [fields["message"] for _, fields in log.debug_events]
+    assert quiet == [
+        "Importing from timm.models.layers is deprecated, please import via timm.layers",
+        "Importing from timm.models.registry is deprecated, please import via timm.models",
+        "[transformers] TinySegModel LOAD REPORT from: /m",
+    ]
+
+
+def test_library_messages_leave_the_transformers_logger_as_it_was():
+    from rmbgd.model import library_messages
+
+    library_logger = logging.getLogger("transformers")
+    before = (library_logger.propagate, list(library_logger.handlers))
+    with pytest.raises(ValueError):
+        with library_messages(RecordingLog()):
+            raise ValueError("loading failed")
+    assert (library_logger.propagate, list(library_logger.handlers)) == before
+
+
+def test_loading_an_incomplete_checkpoint_logs_no_table(tmp_path, caplog):
+    model_dir = build_tiny_model(tmp_path / "report")
+    edit_weights(model_dir, lambda state: state.pop("head.bias"))
+    log = RecordingLog()
+    with caplog.at_level(logging.INFO), pytest.raises(ModelLoadError):
+        load_segmenter(ModelConfig(name=str(model_dir)), log=log)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []
+    assert [fields["message"] for event, fields in log.events if event == "model_warning"] == []
+
+
+@pytest.fixture(scope="module")
+def birefnet_lite(tmp_path_factory) -> Path:
+    """The real BiRefNet_lite code with random weights (the 2025-02 code: the legacy loader)."""
+    if not BIREFNET_LITE_CODE.is_dir():
+        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
+    for package in ("timm", "kornia", "einops"):
+        pytest.importorskip(package)
+    return build_birefnet_lite(tmp_path_factory.mktemp("birefnet") / "BiRefNet_lite")
+
+
+def birefnet_for(loader: str, source: Path, dest: Path) -> Path:
+    # A folder name of its own: transformers keeps a local model's code under its folder's name.
+    dest = dest.with_name(f"{dest.name}-{loader}")
+    return build_birefnet_lite(dest, post_init=loader == "from_pretrained", weights_from=source)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_regression_real_birefnet_lite_missing_a_weight_fails_to_load(tmp_path, birefnet_lite, loader):
+    model_dir = birefnet_for(loader, birefnet_lite, tmp_path / "BiRefNet_lite")
+    edit_weights(model_dir, lambda state: state.pop("decoder.conv_out1.0.weight"))
+    log = RecordingLog()
+    with pytest.raises(ModelLoadError) as info:
+        load_segmenter(ModelConfig(name=str(model_dir)), log=log)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "1 weight(s) missing from the checkpoint (decoder.conv_out1.0.weight)" in message
+    fallback = [fields["reason"] for event, fields in log.events if event == "model_legacy_fallback"]
+    assert bool(fallback) == (loader == "legacy")
+    for _, fields in log.events + log.debug_events:
+        assert all("\x1b" not in str(value) and "\n" not in str(value) for value in fields.values())
+
+
+def test_regression_real_birefnet_lite_missing_a_computed_buffer_loads_it_correctly(tmp_path, birefnet_lite):
+    # from_pretrained builds the model on the meta device: a missing index table would be
+    # left as uninitialised memory. The legacy loader computes it for real.
+    from safetensors.torch import load_file
+
+    key = "bb.layers.0.blocks.0.attn.relative_position_index"
+    true_index = load_file(birefnet_lite / "model.safetensors")[key]
+    model_dir = birefnet_for("from_pretrained", birefnet_lite, tmp_path / "BiRefNet_lite")
+    edit_weights(model_dir, lambda state: state.pop(key))
+    log = RecordingLog()
+    loaded = load_segmenter(ModelConfig(name=str(model_dir)), log=log)
+    assert loaded.loader == "legacy"
+    assert key in dict(log.events)["model_legacy_fallback"]["reason"]
+    assert torch.equal(dict(loaded._model.named_buffers())[key], true_index)
+
+
 # --------------------------------------------------------------------------- precision
 
 
@@ -634,7 +832,8 @@ def test_legacy_fallback_failing_too_reports_both(tmp_path):
         ("auto", "cpu", "float32"),
         ("auto", "cuda", "float16"),
         ("auto", "cuda:1", "float16"),
-        ("float16", "cpu", "float16"),
+        ("float16", "cuda", "float16"),
+        ("bfloat16", "cpu", "bfloat16"),
         ("bfloat16", "cuda", "bfloat16"),
         (" Float32 ", "cuda", "float32"),
     ],
@@ -672,12 +871,22 @@ def test_fp16_checkpoint_loads_and_runs_in_float32_on_cpu(tmp_path):
     assert np.abs(mask[keep].astype(int) - expected_alpha(image)[keep].astype(int)).max() <= 2
 
 
-def test_explicit_float16_on_cpu(tmp_path, tiny_dir):
-    loaded = load_segmenter(ModelConfig(name=str(tiny_dir), dtype="float16"))
-    loaded.warmup()
-    assert (loaded.dtype, loaded.precision) == ("float16", "weights")
-    assert {p.dtype for p in loaded._model.parameters()} == {torch.float16}
-    assert (loaded.predict([red_square()], [(3, 3)])[0] >= 254).all()
+@pytest.mark.parametrize("bfloat16_kernels", [False, True])
+def test_regression_float16_on_the_cpu_is_refused(tiny_dir, monkeypatch, bfloat16_kernels):
+    # About 100x slower than float32 there (a 512x512 BiRefNet_lite warm-up: 349 s, not 4 s).
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bfloat16_kernels)
+    message = load_error(ModelConfig(name=str(tiny_dir), dtype="float16"))
+    assert message.startswith("model.dtype: float16 on the CPU runs about 100 times slower than float32")
+    what_works = "set model.dtype: float32 (or auto)"
+    if bfloat16_kernels:
+        what_works += ", or bfloat16, which this CPU supports"
+    assert message.endswith(what_works)
+
+
+def test_float16_is_refused_where_auto_finds_no_gpu(tiny_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = load_error(ModelConfig(name=str(tiny_dir), device="auto", dtype="float16"))
+    assert message.startswith("model.dtype: float16 on the CPU")
 
 
 def test_bfloat16_with_a_deformable_convolution_falls_back_to_autocast(tmp_path):
@@ -729,8 +938,58 @@ def test_bfloat16_failing_under_autocast_too_is_one_clear_line():
         broken.warmup()
     message = str(info.value)
     assert message.startswith("model.dtype: bfloat16 does not work with 'fake' on cpu: RuntimeError: ")
-    assert message.endswith("; set model.dtype: float32")
+    assert message.endswith("; it runs in float32: set model.dtype: float32 (or auto)")
     assert "\n" not in message
+
+
+def test_regression_bfloat16_failing_alike_with_and_without_autocast_blames_model_dtype():
+    # BiRefNet on a CPU: its deformable convolution fails the same way in bfloat16 weights and
+    # under bfloat16 autocast, and runs in float32.
+    class NoBfloat16(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Conv2d(3, 1, 1)
+
+        def forward(self, pixels):
+            out = self.head(pixels)
+            if out.dtype == torch.bfloat16:
+                raise RuntimeError('"deformable_im2col" not implemented for \'BFloat16\'')
+            return [out, out]
+
+    broken = make_segmenter(NoBfloat16().to(torch.bfloat16), dtype="bfloat16", log=RecordingLog())
+    with pytest.raises(ModelLoadError) as info:
+        broken.warmup()
+    assert str(info.value) == (
+        "model.dtype: bfloat16 does not work with 'fake' on cpu: RuntimeError: \"deformable_im2col\" "
+        "not implemented for 'BFloat16' (with its weights in bfloat16 and under bfloat16 autocast alike); "
+        "it runs in float32: set model.dtype: float32 (or auto)"
+    )
+
+
+def test_a_model_failing_in_float32_too_is_blamed_on_model_name():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Conv2d(3, 1, 1)
+
+        def forward(self, pixels):
+            raise RuntimeError("shape mismatch in decoder")
+
+    with pytest.raises(ModelLoadError) as info:
+        make_segmenter(Broken().to(torch.bfloat16), dtype="bfloat16").warmup()
+    assert str(info.value) == (
+        "model.name: 'fake' fails on a test image on cpu in bfloat16 and in float32: "
+        "RuntimeError: shape mismatch in decoder"
+    )
+
+
+def test_regression_real_birefnet_lite_in_bfloat16_on_the_cpu_blames_model_dtype(birefnet_lite):
+    loaded = load_segmenter(ModelConfig(name=str(birefnet_lite), dtype="bfloat16", input_size=32))
+    with pytest.raises(ModelLoadError) as info:
+        loaded.warmup()
+    message = str(info.value)
+    assert message.startswith(f"model.dtype: bfloat16 does not work with '{birefnet_lite}' on cpu: ")
+    assert message.endswith("it runs in float32: set model.dtype: float32 (or auto)")
 
 
 def test_warmup_failure_unrelated_to_precision():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -290,3 +291,83 @@ def test_cuda_matches_cpu():
     border = (alpha > 25) & (alpha < 255)
     assert colour_error(on_gpu, fg, border) < colour_error(photo, fg, border) / 5
 
+
+
+# --------------------------------------------------------------------------- on a GPU (issue 11, finding 8)
+# The GPU is faked: a device name that is not "cpu" and a stand-in for the solver that raises
+# what torch raises when the device is out of memory.
+
+
+def gpu_failing_with(monkeypatch, error: BaseException) -> list:
+    real = refine._estimate
+    devices = []
+
+    def fake(rgb, alpha, device, settings):
+        devices.append(device)
+        if device != "cpu":
+            raise error
+        return real(rgb, alpha, device, settings)
+
+    monkeypatch.setattr(refine, "_estimate", fake)
+    return devices
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError"],
+)
+def test_regression_gpu_out_of_memory_refines_on_the_cpu(monkeypatch, error):
+    from structlog.testing import capture_logs
+
+    photo, alpha, *_ = scene(seed=4)
+    on_cpu = estimate_foreground(photo, alpha)
+    devices = gpu_failing_with(monkeypatch, error)
+    with capture_logs() as logged:
+        result = estimate_foreground(photo, alpha, device="cuda:1")
+    assert devices == ["cuda:1", "cpu"]
+    assert np.array_equal(result, on_cpu)
+    (event,) = logged
+    assert (event["event"], event["log_level"], event["device"]) == ("refine_on_cpu", "warning", "cuda:1")
+    assert event["error"].startswith(type(error).__name__ + ": ") and "\n" not in event["error"]
+
+
+def test_other_gpu_errors_are_not_hidden(monkeypatch):
+    photo, alpha, *_ = scene(seed=5)
+    devices = gpu_failing_with(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        estimate_foreground(photo, alpha, device="cuda")
+    assert devices == ["cuda"]
+
+
+def test_regression_gpu_refines_take_turns(monkeypatch):
+    # Two calls inside the solver at once would both pass the barrier; taking turns, the
+    # first waits in vain (1 s) and the second finds the barrier broken.
+    photo, alpha, *_ = scene(60, 80, seed=6)
+    barrier = threading.Barrier(2, timeout=1.0)
+    together = []
+
+    def fake(rgb, alpha, device, settings):
+        try:
+            barrier.wait()
+            together.append(device)
+        except threading.BrokenBarrierError:
+            pass
+        return rgb.copy()
+
+    monkeypatch.setattr(refine, "_estimate", fake)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: estimate_foreground(photo, alpha, device="cuda"), range(2)))
+    assert together == []
+    assert all(np.array_equal(result, photo) for result in results)
+
+
+def test_cpu_refines_do_not_wait_for_the_gpu_turn():
+    photo, alpha, *_ = scene(60, 80, seed=7)
+    with refine._GPU_TURN:
+        with ThreadPoolExecutor(1) as pool:
+            result = pool.submit(estimate_foreground, photo, alpha).result(timeout=60)
+    assert result.shape == photo.shape

@@ -207,3 +207,23 @@ def test_refine_foreground_removes_the_old_background_from_the_edge():
 
     # Without refinement the green of the old background shows as a fringe on white.
     assert error(plain.data) > 3 * error(refined.data), (error(plain.data), error(refined.data))
+
+
+def test_regression_refine_out_of_gpu_memory_does_not_fail_the_image(monkeypatch):
+    # The GPU is faked: refinement on "cuda:0" raises torch's out-of-memory error.
+    torch = pytest.importorskip("torch")
+    from rmbgd import refine
+
+    real = refine._estimate
+
+    def out_of_memory_on_gpu(rgb, alpha, device, settings):
+        if device != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return real(rgb, alpha, device, settings)
+
+    monkeypatch.setattr(refine, "_estimate", out_of_memory_on_gpu)
+    rgb, mask = scene()
+    out_cfg = OutputConfig(refine_foreground=True)
+    (on_gpu,) = render(decoded(rgb), mask, out_cfg, device="cuda:0")
+    (on_cpu,) = render(decoded(rgb), mask, out_cfg)
+    assert np.array_equal(np.asarray(open_bytes(on_gpu.data)), np.asarray(open_bytes(on_cpu.data)))

@@ -36,7 +36,7 @@ from rmbgd.watcher import describe_watch_error
 from rmbgd.workarea import default_instance_name
 from tests.support.daemon import REPO, base_config, subprocess_env
 from tests.support.daemon import write_config as write_daemon_config
-from tests.support.tinymodel import build_tiny_model
+from tests.support.tinymodel import build_tiny_model, edit_weights
 
 # Generous: a failure is expected within a few seconds of torch's import.
 RUN_TIMEOUT_S = 120
@@ -130,6 +130,7 @@ def startup_failure(config: Path, env: dict) -> str:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr == ""  # not a terminal: everything is in the JSON log
+    assert "\\u001b" not in result.stdout  # no terminal colours (transformers' load report)
     records = [json.loads(line) for line in result.stdout.splitlines()]
     failures = [record for record in records if record["event"] == "startup_failed"]
     assert len(failures) == 1 and records[-1] is failures[0]
@@ -239,6 +240,26 @@ def test_remote_code_not_trusted(tmp_path, tiny_model):
         f"model.trust_remote_code: '{tiny_model}' needs its own Python code to run; "
         "set model.trust_remote_code: true if you trust that code"
     )
+
+
+def test_regression_incomplete_checkpoint_does_not_start(tmp_path):
+    # A weight missing from model.safetensors: transformers alone would initialise it at
+    # random and the daemon would write meaningless masks.
+    model_dir = build_tiny_model(tmp_path / "incomplete")
+    edit_weights(model_dir, lambda state: state.pop("head.bias"))
+    error = startup_failure(write_config(tmp_path, name=str(model_dir)), hub_env(tmp_path, offline=True))
+    assert error == (
+        f"model.name: cannot load '{model_dir}': its weights do not match its code: "
+        "1 weight(s) missing from the checkpoint (head.bias) "
+        "(an incomplete download, or weights for other code?)"
+    )
+
+
+def test_regression_float16_on_the_cpu_does_not_start(tmp_path, tiny_model):
+    config = write_config(tmp_path, name=str(tiny_model), dtype="float16")
+    error = startup_failure(config, hub_env(tmp_path, offline=True))
+    assert error.startswith("model.dtype: float16 on the CPU runs about 100 times slower than float32")
+    assert "set model.dtype: float32 (or auto)" in error
 
 
 # --------------------------------------------------------------------------- fetch-model

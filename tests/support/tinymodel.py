@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,7 @@ def build_tiny_model(
     stored_dtype: str = "float32",
     deformable: bool = False,
     sample_stride: int = 1,
+    load_gate: Path | None = None,
 ) -> Path:
     """Write config.json, model.safetensors and the model's code into ``dest``; return it.
 
@@ -73,6 +76,8 @@ def build_tiny_model(
     torchvision's deformable convolution, which has no bfloat16 kernel, like BiRefNet's.
     ``sample_stride`` > 1 computes the mask from every n-th pixel (blocky masks, almost no
     CPU): with the delays, a stand-in for a model running on an accelerator.
+    ``load_gate`` makes constructing the model wait until that file exists (checked twice
+    a second, for at most 10 minutes): a download or load that takes as long as a test wants.
     """
     import torch
 
@@ -108,6 +113,12 @@ def build_tiny_model(
     model.to(getattr(torch, stored_dtype)).save_pretrained(dest, safe_serialization=True)
     for name in CODE_FILES + ((DEFORMABLE_CODE_FILE,) if deformable else ()):
         shutil.copyfile(CODE_DIR / name, dest / name)
+    if load_gate is not None:
+        # Written after saving: the model built above must not wait for it.
+        config_path = dest / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved["load_gate"] = str(load_gate)
+        config_path.write_text(json.dumps(saved, indent=2))
     return dest
 
 
@@ -135,3 +146,64 @@ def build_legacy_model(dest: Path, habit: str, **options) -> Path:
     config["auto_map"]["AutoModelForImageSegmentation"] = f"{module}.{LEGACY_CLASSES[habit]}"
     config_path.write_text(json.dumps(config, indent=2))
     return dest
+
+
+# --------------------------------------------------------------------------- the real BiRefNet_lite
+
+# The real BiRefNet_lite model code (no weights), beside the repository as ../shared/models
+# (RMBGD_SHARED_MODELS overrides where); tests using it skip where it is absent.
+SHARED_MODELS = Path(
+    os.environ.get("RMBGD_SHARED_MODELS") or Path(__file__).resolve().parents[3] / "shared" / "models"
+)
+BIREFNET_LITE_CODE = SHARED_MODELS / "birefnet_lite_2k_2025-02"
+BIREFNET_LITE_FILES = ("birefnet.py", "BiRefNet_config.py", "config.json")
+
+
+def build_birefnet_lite(dest: Path, *, post_init: bool = False, weights_from: Path | None = None) -> Path:
+    """BiRefNet_lite's real code with random weights (about 180 MB) in ``dest``; return it.
+
+    The code is the 2025-02 version, which transformers 5 only loads through rmbgd's legacy
+    loader; ``post_init=True`` adds the ``self.post_init()`` call the hub's current code has,
+    so that ``from_pretrained`` loads it directly. ``weights_from`` copies another such
+    folder's weights instead of building new ones (seconds of CPU).
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in BIREFNET_LITE_FILES:
+        shutil.copyfile(BIREFNET_LITE_CODE / name, dest / name)
+    if post_init:
+        code = dest / "birefnet.py"
+        marker = "\n    def forward_enc(self, x):"
+        text = code.read_text()
+        if marker not in text:
+            raise ValueError(f"{code}: no forward_enc to put post_init() before")
+        code.write_text(text.replace(marker, "\n        self.post_init()\n" + marker, 1))
+    if weights_from is not None:
+        shutil.copyfile(Path(weights_from) / "model.safetensors", dest / "model.safetensors")
+        return dest
+
+    from safetensors.torch import save_file
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    with warnings.catch_warnings():
+        # timm's deprecated import paths, which BiRefNet's code uses; rmbgd's own loading is
+        # what tests look at, not this.
+        warnings.simplefilter("ignore", FutureWarning)
+        model_class = get_class_from_dynamic_module("birefnet.BiRefNet", str(dest), local_files_only=True)
+        config_class = get_class_from_dynamic_module(
+            "BiRefNet_config.BiRefNetConfig", str(dest), local_files_only=True
+        )
+    model = model_class(bb_pretrained=False, config=config_class())
+    state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def edit_weights(model_dir: Path, edit) -> None:
+    """Rewrite ``model_dir``'s model.safetensors with ``edit(state)`` applied to its tensors."""
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(model_dir) / "model.safetensors"
+    state = load_file(weights)
+    edit(state)
+    save_file(state, weights, metadata={"format": "pt"})
