@@ -1169,8 +1169,12 @@ def test_cpu_threads_respect_omp_num_threads(tiny_dir, monkeypatch):
     load_segmenter(ModelConfig(name=str(tiny_dir)))
     assert calls == []
     monkeypatch.delenv("OMP_NUM_THREADS")
+    from rmbgd import cpus
+
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 4)
     load_segmenter(ModelConfig(name=str(tiny_dir)))
-    assert calls == [cpu_threads(len(os.sched_getaffinity(0)))]
+    assert calls == [cpu_threads(4)]
+
 
 
 # --------------------------------------------------------------------------- model.revision
