@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Deque, List, Optional, Set
 
 from rmbgd import __version__
-from rmbgd import logs
+from rmbgd import backoff, logs
 from rmbgd.config import (
     Config,
     ConfigError,
@@ -73,6 +73,9 @@ def load_model(cfg: Config, log: Any) -> Any:
 
 
 class Daemon:
+    # How long a file waits before its write is retried (the in-process tests shorten it).
+    retry_delay = staticmethod(backoff.retry_delay)
+
     def __init__(self, cfg: Config, log: Any, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.log = log
@@ -141,7 +144,7 @@ class Daemon:
             return EXIT_OK
 
         self._work.open()
-        self._publisher = Publisher(cfg.paths, owner=self._work.instance)
+        self._publisher = Publisher(cfg.paths, owner=self._work.instance, log=self.log)
         self._pipeline = Pipeline(
             cfg,
             segmenter,
@@ -150,6 +153,7 @@ class Daemon:
             self.log,
             on_finished=self._job_finished,
             on_batch=self._service.batch_done,
+            retry_delay=self.retry_delay,
         )
         self._pipeline.start()
         self._recover()
@@ -208,6 +212,9 @@ class Daemon:
             except OSError as exc:
                 # Folders unusable right now: process it normally; the pipeline retries.
                 self.log.warning("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), error=str(exc))
+                delivery = None
+            except Exception:  # per-file boundary: one odd leftover must not stop the start
+                self.log.error("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), exc_info=True)
                 delivery = None
             if delivery is None:
                 self._start_job(claim)

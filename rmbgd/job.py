@@ -22,6 +22,8 @@ class Job:
     files: Optional[list] = None    # the encoded outputs (render.OutputFile), kept until safely published
     size: tuple = (0, 0)            # (width, height), kept after the pixels are released
     attempts: int = 0               # publish/reject retries after environment errors
+    parked: bool = False            # waiting for a retry without holding an in-flight slot
+    settled: bool = False           # counted as processed, failed or left claimed: never twice
     stage: Optional[str] = None     # set when the job failed: where,
     error: Optional[str] = None     # and why
     ms: Dict[str, float] = field(default_factory=dict)
@@ -37,17 +39,37 @@ def ms_since(start: float) -> float:
 
 
 class Counters:
-    """Thread-safe tallies: files in flight (for backpressure), processed and failed."""
+    """Thread-safe tallies: files in flight (for backpressure), processed and failed.
+
+    `in_flight` counts the files holding a slot: claimed and being worked on. A file waiting
+    for a retry (its destination is full or gone) is `parked` instead: it stays claimed but
+    lets the slot go, so it cannot stall the files behind it. The snapshot's `in_flight`
+    counts both, i.e. every claimed, unfinished file (after a stop: the files left claimed).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.in_flight = 0
+        self.parked = 0
         self.processed = 0
         self.failed = 0
 
     def started(self) -> None:
         with self._lock:
+            self.in_flight += 1
+
+    def park(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.parked += 1
+            self._idle.notify_all()
+
+    def unpark(self) -> None:
+        """The slot is taken again for the retry (briefly above the limit if all are taken:
+        the claim gate then waits a little longer, nothing else)."""
+        with self._lock:
+            self.parked -= 1
             self.in_flight += 1
 
     def finished(self, ok: bool) -> None:
@@ -67,4 +89,4 @@ class Counters:
 
     def snapshot(self) -> Dict[str, int]:
         with self._lock:
-            return {"processed": self.processed, "failed": self.failed, "in_flight": self.in_flight}
+            return {"processed": self.processed, "failed": self.failed, "in_flight": self.in_flight + self.parked}
