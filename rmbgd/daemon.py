@@ -76,7 +76,7 @@ class Daemon:
     # How long a file waits before its write is retried (the in-process tests shorten it).
     retry_delay = staticmethod(backoff.retry_delay)
 
-    def __init__(self, cfg: Config, log: Any, clock=time.monotonic) -> None:
+    def __init__(self, cfg: Config, log: Any, clock=time.monotonic, instance: Optional[str] = None) -> None:
         self.cfg = cfg
         self.log = log
         self._clock = clock
@@ -89,7 +89,7 @@ class Daemon:
         self._ignored_logged: Set[Path] = set()
         self._counters = Counters()
         self._max_in_flight = max(effective_max_in_flight(cfg), cfg.batch.size)
-        self._work = WorkArea(cfg.paths.inbox)
+        self._work = WorkArea(cfg.paths.inbox, instance)
         self._service = Service(cfg, log, instance=self._work.instance)
         self._reload_requested = False
         self._pipeline: Optional[Pipeline] = None
@@ -187,7 +187,13 @@ class Daemon:
     def _recover(self) -> None:
         """Before `ready`: finish what a crashed predecessor (or dead peer) left half done."""
         started = time.monotonic()
-        claims = self._work.recover()
+        try:
+            claims = self._work.recover()
+        except OSError as exc:
+            # The work area's filesystem failed mid-way: start anyway; what is left in a dead
+            # instance's folder is adopted at the next rescan.
+            self.log.error("recover_failed", error=f"{type(exc).__name__}: {exc}")
+            claims = []
         finished = self._take_over(claims)
         removed = 0
         for root in (self.cfg.paths.outbox, self.cfg.paths.errors, self.cfg.paths.done):
@@ -409,7 +415,11 @@ class Daemon:
     def _adopt_dead_peers(self) -> None:
         # A peer sharing this inbox died (its lock is free): take over its claimed files now
         # rather than waiting for some instance to restart.
-        adopted = self._work.adopt_dead_peers()
+        try:
+            adopted = self._work.adopt_dead_peers()
+        except OSError as exc:
+            self.log.warning("adopt_failed", error=f"{type(exc).__name__}: {exc}", retry="at the next rescan")
+            return
         if adopted:
             finished = self._take_over(adopted)
             self.log.info("adopted", files=len(adopted), finished=finished)
