@@ -387,7 +387,8 @@ class Daemon:
                 self._backlog_set.add(path)
 
     def _claim_backlog(self) -> None:
-        while self._backlog and self._counters.in_flight < self._max_in_flight:
+        # Files parked for a retry do not count: they must not stall the rest (see pipeline.py).
+        while self._backlog and self._counters.busy < self._max_in_flight:
             path = self._backlog.popleft()
             self._backlog_set.discard(path)
             try:

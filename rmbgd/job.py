@@ -39,12 +39,12 @@ def ms_since(start: float) -> float:
 
 
 class Counters:
-    """Thread-safe tallies: files in flight (for backpressure), processed and failed.
+    """Thread-safe tallies: files in flight, processed and failed.
 
-    `in_flight` counts the files holding a slot: claimed and being worked on. A file waiting
-    for a retry (its destination is full or gone) is `parked` instead: it stays claimed but
-    lets the slot go, so it cannot stall the files behind it. The snapshot's `in_flight`
-    counts both, i.e. every claimed, unfinished file (after a stop: the files left claimed).
+    `in_flight` counts every claimed, unfinished file (after a stop: the files left claimed).
+    Of those, `parked` ones wait for a retry (their destination is full or gone): they stay
+    claimed but give their slot back, so `busy` (in flight and not parked) is what the claim
+    gate compares with the in-flight limit, and a waiting file never stalls the ones behind it.
     """
 
     def __init__(self) -> None:
@@ -55,13 +55,17 @@ class Counters:
         self.processed = 0
         self.failed = 0
 
+    @property
+    def busy(self) -> int:
+        with self._lock:
+            return self.in_flight - self.parked
+
     def started(self) -> None:
         with self._lock:
             self.in_flight += 1
 
     def park(self) -> None:
         with self._lock:
-            self.in_flight -= 1
             self.parked += 1
             self._idle.notify_all()
 
@@ -70,7 +74,6 @@ class Counters:
         the claim gate then waits a little longer, nothing else)."""
         with self._lock:
             self.parked -= 1
-            self.in_flight += 1
 
     def finished(self, ok: bool) -> None:
         with self._lock:
@@ -82,11 +85,12 @@ class Counters:
             self._idle.notify_all()
 
     def abandoned(self) -> None:
-        """A job left claimed on purpose (shutdown): not done, not failed, no longer in flight."""
+        """A job left claimed on purpose (shutdown, or an error in rmbgd itself): not done,
+        not failed, no longer in flight."""
         with self._lock:
             self.in_flight -= 1
             self._idle.notify_all()
 
     def snapshot(self) -> Dict[str, int]:
         with self._lock:
-            return {"processed": self.processed, "failed": self.failed, "in_flight": self.in_flight + self.parked}
+            return {"processed": self.processed, "failed": self.failed, "in_flight": self.in_flight}

@@ -109,12 +109,21 @@ RECOVERY: List[Tuple[str, str, Tuple[int, ...]]] = [
 ]
 
 
+# Each result comes with its mask (output.mask: true), so a delivery links two files and a
+# fault can fall between them; a small in-flight limit makes a held slot visible at once.
+SECTIONS = {"output": {"mask": True}, "pipeline": {"max_in_flight": 2}}
+# Rows whose second call (the mask's) is worth failing too.
+SECOND_CALL = {("publish", "link"), ("publish", "open_write"), ("publish", "write")}
+
+
 def cases() -> List[Case]:
     made = []
     for stage, rows in TABLE.items():
         for kind, root, errnos in rows:
             for err in errnos:
                 made.append(Case(stage, kind, root, err, permanent=False))
+            if (stage, kind) in SECOND_CALL and root == "outbox":
+                made.append(Case(stage, kind, root, errnos[0], permanent=False, nth=2))
             # Permanent: one healable and one unhealable errno per row where it has both.
             healable = [e for e in errnos if e in HEALABLE]
             unhealable = [e for e in errnos if e not in HEALABLE]
@@ -177,7 +186,8 @@ def assert_each_input_exactly_once(paths, may_fail_good: bool) -> None:
     assert sorted(n + ".error.json" for n in rejected) == sorted(n for n in errors if n.endswith(".error.json")), \
         f"every rejected input has its sidecar: {errors}"
     assert sorted(done + rejected) == sorted(INPUTS), f"each input once in done/ or errors/: done={done} errors={errors}"
-    assert outputs == sorted(done), f"one output per finished input, no temps, no -N duplicates: {outputs}"
+    expected = sorted([n for n in done] + [n[: -len(".png")] + ".mask.png" for n in done])
+    assert outputs == expected, f"one result and mask per finished input, no temps, no -N duplicates: {outputs}"
     assert set(BAD) <= set(rejected)
     if not may_fail_good:
         assert sorted(done) == sorted(GOOD), f"good inputs were failed: {rejected}"
@@ -216,7 +226,7 @@ def may_fail_good(case: Case) -> bool:
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
 def test_fault(case: Case, inprocess, faultfs):
-    first = inprocess.start(instance=FIRST)
+    first = inprocess.start(instance=FIRST, **SECTIONS)
     paths = first.cfg.paths
     under = folder(first, case.root) / ("sub" if case.permanent else "")
     fault = faultfs.fail(case.kind, under, case.err, nth=case.nth, times=None if case.permanent else 1)
@@ -237,7 +247,7 @@ def test_fault(case: Case, inprocess, faultfs):
     assert first.events("stopped")[-1]["in_flight"] == len(claimed), "stopped.in_flight counts what stays claimed"
 
     faultfs.clear()
-    second = inprocess.start(instance=SECOND)
+    second = inprocess.start(instance=SECOND, **SECTIONS)
     second.wait_until(lambda: len(finished(first, second)) == len(INPUTS), what="every file after the restart")
     assert_healthy(second)
     assert second.stop() == 0
@@ -254,20 +264,20 @@ def recovery_cases() -> List[Case]:
 @pytest.mark.parametrize("case", recovery_cases(), ids=lambda c: c.id)
 def test_recovery_fault(case: Case, inprocess, faultfs):
     # Leave every good file claimed, published but not moved to done/ (a full done/).
-    first = inprocess.start(instance=FIRST)
+    first = inprocess.start(instance=FIRST, **SECTIONS)
     paths = first.cfg.paths
     stuck = faultfs.fail("link", paths.done, E.ENOSPC, times=None)
     drop(paths.inbox, INPUTS)
     first.wait_until(lambda: finished_or_waiting(first), what="every file finished or waiting")
     assert first.stop() == 0
     assert stuck.fired >= len(GOOD)
-    assert len(files_below(paths.outbox)) == len(GOOD), "published before the stop"
+    assert len(files_below(paths.outbox)) == 2 * len(GOOD), "published before the stop"
     faultfs.clear()
 
     # The second instance adopts them and finishes them while its start-up meets the fault.
     under = paths.inbox / ".rmbgd" / "work" / SECOND if case.root == "work" else getattr(paths, case.root)
     fault = faultfs.fail(case.kind, under, case.err, times=1)
-    second = inprocess.start(instance=SECOND)
+    second = inprocess.start(instance=SECOND, **SECTIONS)
     second.wait_until(lambda: len(finished(first, second)) == len(INPUTS), what="every file after the restart")
     assert fault.fired == 1
     assert_healthy(second)
