@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, List, Optional, Set
 
 from rmbgd import __version__
-from rmbgd import logs
+from rmbgd import backoff, logs
 from rmbgd.config import (
     Config,
     ConfigError,
@@ -102,7 +102,10 @@ def load_model_watching(cfg: Config, log: Any, tick: Callable[[], None]) -> Any:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, log: Any, clock=time.monotonic) -> None:
+    # How long a file waits before its write is retried (the in-process tests shorten it).
+    retry_delay = staticmethod(backoff.retry_delay)
+
+    def __init__(self, cfg: Config, log: Any, clock=time.monotonic, instance: Optional[str] = None) -> None:
         self.cfg = cfg
         self.log = log
         self._clock = clock
@@ -115,7 +118,7 @@ class Daemon:
         self._ignored_logged: Set[Path] = set()
         self._counters = Counters()
         self._max_in_flight = max(effective_max_in_flight(cfg), cfg.batch.size)
-        self._work = WorkArea(cfg.paths.inbox)
+        self._work = WorkArea(cfg.paths.inbox, instance)
         self._service = Service(cfg, log, instance=self._work.instance)
         self._reload_requested = False
         self._pipeline: Optional[Pipeline] = None
@@ -189,7 +192,7 @@ class Daemon:
         except WatchUnavailable as exc:
             self._work.close()
             raise StartupError(str(exc)) from None
-        self._publisher = Publisher(cfg.paths, owner=self._work.instance)
+        self._publisher = Publisher(cfg.paths, owner=self._work.instance, log=self.log)
         self._pipeline = Pipeline(
             cfg,
             segmenter,
@@ -198,6 +201,7 @@ class Daemon:
             self.log,
             on_finished=self._job_finished,
             on_batch=self._service.batch_done,
+            retry_delay=self.retry_delay,
         )
         self._pipeline.start()
         self._recover()
@@ -244,7 +248,13 @@ class Daemon:
     def _recover(self) -> None:
         """Before `ready`: finish what a crashed predecessor (or dead peer) left half done."""
         started = time.monotonic()
-        claims = self._work.recover(on_error=self._adopt_failed)
+        try:
+            claims = self._work.recover(on_error=self._adopt_failed)
+        except OSError as exc:
+            # The work area's filesystem failed mid-way: start anyway; what is left in a dead
+            # instance's folder is adopted at the next rescan.
+            self.log.error("recover_failed", error=f"{type(exc).__name__}: {exc}")
+            claims = []
         finished = self._take_over(claims)
         removed = 0
         for root in (self.cfg.paths.outbox, self.cfg.paths.errors, self.cfg.paths.done):
@@ -274,6 +284,9 @@ class Daemon:
             except OSError as exc:
                 # Folders unusable right now: process it normally; the pipeline retries.
                 self.log.warning("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), error=str(exc))
+                delivery = None
+            except Exception:  # per-file boundary: one odd leftover must not stop the start
+                self.log.error("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), exc_info=True)
                 delivery = None
             if delivery is None:
                 self._start_job(claim)
@@ -456,7 +469,8 @@ class Daemon:
                 self._backlog_set.add(path)
 
     def _claim_backlog(self) -> None:
-        while self._backlog and self._counters.in_flight < self._max_in_flight:
+        # Files parked for a retry do not count: they must not stall the rest (see pipeline.py).
+        while self._backlog and self._counters.busy < self._max_in_flight:
             path = self._backlog.popleft()
             self._backlog_set.discard(path)
             try:

@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence
 
+from rmbgd.backoff import NAME_ERRNOS as _NAME_ERRNOS
+
 TEMP_SUFFIX = ".rmbgd-tmp"
 # `.<owner tag>.rmbgd-owner`, flock()ed by an owner that has no work folder (`rmbgd process`)
 # at the top of each folder tree it writes temps into, for as long as it runs.
@@ -27,8 +29,8 @@ _TAG_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 NAME_MAX = 255  # bytes per path component on Linux filesystems
 
 # Errors that say the destination cannot hold this name, whatever the disk's state: retrying
-# will not help, so the input is failed instead of retried.
-NAME_ERRNOS = (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL)
+# will not help, so the input is failed instead of retried (backoff.py has the full rule).
+NAME_ERRNOS = tuple(sorted(_NAME_ERRNOS))
 
 
 def _fits(name: str) -> bool:
@@ -160,7 +162,8 @@ def link_unique(source: Path, target: Path, same: Optional[Callable[[Path], bool
             os.replace(source, name)
             return name
         return name
-    raise AssertionError("unreachable")
+    # candidate_names never ends; this only keeps the function total.
+    raise RuntimeError(f"no free name for {target}")
 
 
 def place_unique(source: Path, target: Path, owner: str) -> Path:

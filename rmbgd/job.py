@@ -22,6 +22,8 @@ class Job:
     files: Optional[list] = None    # the encoded outputs (render.OutputFile), kept until safely published
     size: tuple = (0, 0)            # (width, height), kept after the pixels are released
     attempts: int = 0               # publish/reject retries after environment errors
+    parked: bool = False            # waiting for a retry without holding an in-flight slot
+    settled: bool = False           # counted as processed, failed or left claimed: never twice
     stage: Optional[str] = None     # set when the job failed: where,
     error: Optional[str] = None     # and why
     ms: Dict[str, float] = field(default_factory=dict)
@@ -37,18 +39,41 @@ def ms_since(start: float) -> float:
 
 
 class Counters:
-    """Thread-safe tallies: files in flight (for backpressure), processed and failed."""
+    """Thread-safe tallies: files in flight, processed and failed.
+
+    `in_flight` counts every claimed, unfinished file (after a stop: the files left claimed).
+    Of those, `parked` ones wait for a retry (their destination is full or gone): they stay
+    claimed but give their slot back, so `busy` (in flight and not parked) is what the claim
+    gate compares with the in-flight limit, and a waiting file never stalls the ones behind it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.in_flight = 0
+        self.parked = 0
         self.processed = 0
         self.failed = 0
+
+    @property
+    def busy(self) -> int:
+        with self._lock:
+            return self.in_flight - self.parked
 
     def started(self) -> None:
         with self._lock:
             self.in_flight += 1
+
+    def park(self) -> None:
+        with self._lock:
+            self.parked += 1
+            self._idle.notify_all()
+
+    def unpark(self) -> None:
+        """The slot is taken again for the retry (briefly above the limit if all are taken:
+        the claim gate then waits a little longer, nothing else)."""
+        with self._lock:
+            self.parked -= 1
 
     def finished(self, ok: bool) -> None:
         with self._lock:
@@ -60,7 +85,8 @@ class Counters:
             self._idle.notify_all()
 
     def abandoned(self) -> None:
-        """A job left claimed on purpose (shutdown): not done, not failed, no longer in flight."""
+        """A job left claimed on purpose (shutdown, or an error in rmbgd itself): not done,
+        not failed, no longer in flight."""
         with self._lock:
             self.in_flight -= 1
             self._idle.notify_all()

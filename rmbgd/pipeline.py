@@ -11,6 +11,19 @@ Images in one model call share one input size: the collector batches by it (with
 split in halves and retried, and the batch size stays lowered for the rest of the run; only
 an image that does not fit on its own fails. Any other model error retries the batch's
 images one by one, so only the image that really fails goes to errors/.
+
+A result that cannot be written is retried or failed by backoff.write_error_verdict. While a
+file waits for its retry it is parked: it stays claimed and keeps its encoded result, but
+gives its in-flight slot back, so files whose destinations work keep flowing past it. At most
+`max_parked` parked files keep a result (by default as many as may be in flight, so parking
+at most doubles the memory the in-flight limit allows); beyond that a waiting file keeps its
+slot, as every file did before parking existed. Files that hold no result while they wait
+(their outputs are already published and only the original's move remains, or their
+rejection waits for errors/) cost a few hundred bytes and are parked without a limit.
+
+Every pool task runs under `_guarded`: an exception that escapes a task is logged as
+`task_failed` with its traceback, and its file is accounted for (left claimed for the next
+start when it was not finished yet), so no slot leaks and nothing vanishes in a pool.
 """
 
 from __future__ import annotations
@@ -24,13 +37,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, List, Optional, Set, Tuple
 
+from rmbgd import backoff
+from rmbgd.backoff import Scheduler, Verdict, write_error_verdict
 from rmbgd.collector import BatchQueue
-from rmbgd.backoff import retry_delay
-from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_workers
-from rmbgd.fsops import NAME_ERRNOS
+from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.images import ImageError, decode_image
 from rmbgd.job import Counters, Job, ms_since
-from rmbgd.publisher import Publisher
+from rmbgd.publisher import FinishingFailed, Publisher
 from rmbgd.render import RenderError, render
 from rmbgd.sizing import dynamic_input_size, resize_rgb
 
@@ -56,8 +69,15 @@ class Pipeline:
         log: Any,
         on_finished: Callable[[Job], None] = lambda job: None,
         on_batch: Callable[[int, float], None] = lambda size, ms: None,
+        retry_delay: Callable[[int], float] = backoff.retry_delay,
+        max_parked: Optional[int] = None,
     ) -> None:
         self._cfg = cfg
+        self._retry_delay = retry_delay
+        self._max_parked = effective_max_in_flight(cfg) if max_parked is None else max_parked
+        # Parked jobs that keep an encoded result (by id), bounded by max_parked.
+        self._holding: Set[int] = set()
+        self._retries = Scheduler(on_error=self._retry_error)
         self._on_batch = on_batch
         self._busy_since: Optional[float] = None
         self._segmenter = segmenter
@@ -86,7 +106,6 @@ class Pipeline:
         self._batch_ids = itertools.count(1)
         self._pending_lock = threading.Lock()
         self._pending: Set[Future] = set()
-        self._timers: Set[threading.Timer] = set()
         self._stopping = False
         self.last_progress = time.monotonic()
 
@@ -110,7 +129,7 @@ class Pipeline:
         self.batches.reconfigure(size, cfg.batch.max_wait_ms / 1000.0)
 
     def submit(self, job: Job) -> None:
-        self._track(self._decode_pool.submit(self._decode, job))
+        self._run_in(self._decode_pool, self._decode, job)
 
     def stop_intake(self) -> None:
         """Stop forming batches and decoding.
@@ -124,9 +143,8 @@ class Pipeline:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         with self._pending_lock:
             self._stopping = True
-            timers, self._timers = self._timers, set()
-        for timer in timers:
-            timer.cancel()
+        # Parked files stay parked (claimed, counted in the snapshot's in_flight).
+        self._retries.close()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` for the model thread and the pending encodes; True when done."""
@@ -147,6 +165,41 @@ class Pipeline:
         self._encode_pool.shutdown(wait=True)
         self._decode_pool.shutdown(wait=True)
         return True
+
+    def _run_in(self, pool: ThreadPoolExecutor, task: Callable[..., None], job: Job, *args: Any) -> None:
+        self._track(pool.submit(self._guarded, task, job, *args))
+
+    def _guarded(self, task: Callable[..., None], job: Job, *args: Any) -> None:
+        """Run one step of `job`; whatever escapes it is logged and the job accounted for."""
+        try:
+            task(job, *args)
+        except Exception as exc:  # the pool boundary: an error here is a bug in rmbgd
+            left_claimed = self._settle(job, None)
+            self._log.error(
+                "task_failed",
+                input=str(job.input),
+                task=getattr(task, "__name__", repr(task)),
+                error=_describe(exc),
+                left_claimed=left_claimed,
+                exc_info=exc,
+            )
+
+    def _settle(self, job: Job, ok: Optional[bool]) -> bool:
+        """Count `job` as processed (True), failed (False) or left claimed (None), once;
+        False when it was already counted."""
+        with self._pending_lock:
+            if job.settled:
+                return False
+            job.settled = True
+        self._unpark(job)
+        if ok is None:
+            self._counters.abandoned()
+        else:
+            self._counters.finished(ok=ok)
+        return True
+
+    def _retry_error(self, exc: BaseException) -> None:
+        self._log.error("retry_failed", error=_describe(exc), exc_info=exc)
 
     def _track(self, future: Future) -> None:
         with self._pending_lock:
@@ -297,7 +350,7 @@ class Pipeline:
         if self._split:
             # The normalised input is 4x the size of the decoded one; it is not needed again.
             job.image = dataclasses.replace(job.image, model_input=None)
-        self._track(self._encode_pool.submit(self._encode_and_publish, job))
+        self._run_in(self._encode_pool, self._encode_and_publish, job)
 
     def _infer(self, batch: List[Job], staged: Any = None) -> list:
         if self._split:
@@ -333,14 +386,18 @@ class Pipeline:
     def _deliver(self, job: Job) -> None:
         start = time.monotonic()
         try:
-            delivery = self._publisher.deliver(job.claim, job.files)
-        except OSError as exc:
-            if exc.errno in NAME_ERRNOS:
-                self.fail(job, "write", _describe(exc))
+            if job.files is None:
+                # Its outputs were published before; only finishing (the original's move)
+                # remained, which the intent in the work area completes.
+                delivery = self._publisher.resume(job.claim)
+                if delivery is None:
+                    self._log.info("file_reprocessed", input=str(job.input), reason="nothing left to finish")
+                    self._run_in(self._decode_pool, self._decode, job)
+                    return
             else:
-                # The outbox or done/ is full, read-only or gone: not the input's fault. It
-                # stays claimed, keeps its encoded result and is tried again later.
-                self._retry_later(job, "write", exc, self._deliver)
+                delivery = self._publisher.deliver(job.claim, job.files)
+        except OSError as exc:
+            self._write_failed(job, exc)
             return
         except PublishError as exc:
             self.fail(job, "write", str(exc))
@@ -351,7 +408,7 @@ class Pipeline:
         job.ms["write"] = ms_since(start)
         job.ms["total"] = ms_since(job.ready_at)
         job.files = None
-        self._counters.finished(ok=True)
+        self._settle(job, True)
         self._log.info(
             "file_done",
             input=str(job.input),
@@ -371,9 +428,36 @@ class Pipeline:
         )
         self._on_finished(job)
 
+    def _write_failed(self, job: Job, exc: OSError) -> None:
+        if isinstance(exc, FinishingFailed):
+            # Published: never failed (it would be in the outbox and in errors/), and the
+            # intent has all it takes to finish, so the result need not stay in memory.
+            job.files = None
+            self._retry_later(job, "write", exc, self._deliver)
+            return
+        attempt = job.attempts + 1
+        roots_usable = getattr(self._publisher, "roots_usable", lambda: True)()
+        if write_error_verdict(exc.errno, attempt, roots_usable) is Verdict.FAIL:
+            tried = f" (tried {attempt} times)" if attempt > 1 else ""
+            self.fail(job, "write", _describe(exc) + tried)
+        else:
+            self._retry_later(job, "write", exc, self._deliver)
+
     def _retry_later(self, job: Job, stage: str, exc: OSError, action: Callable[[Job], None]) -> None:
+        """Try `action` again after the backoff delay; meanwhile the job is parked (see the
+        module doc), unless too many parked files already keep a result."""
         job.attempts += 1
-        delay = retry_delay(job.attempts)
+        delay = self._retry_delay(job.attempts)
+        with self._pending_lock:
+            if self._stopping:
+                return  # stays claimed (and counted in flight); the next start picks it up
+            park = job.files is None or len(self._holding) < self._max_parked
+            if park and job.files is not None:
+                self._holding.add(id(job))
+            if park:
+                job.parked = True
+        if park:
+            self._counters.park()
         self._log.warning(
             "file_retry",
             input=str(job.input),
@@ -381,34 +465,44 @@ class Pipeline:
             error=_describe(exc),
             attempt=job.attempts,
             retry_in_s=delay,
+            parked=park,
         )
-        timer = threading.Timer(delay, self._resubmit, args=(job, action))
-        timer.daemon = True
-        with self._pending_lock:
-            if self._stopping:
-                return  # stays claimed; the next start picks it up
-            self._timers.add(timer)
-        timer.start()
+        # Once closed (a stop), it stays claimed and parked: counted as left claimed.
+        self._retries.call_later(delay, self._guarded, self._resubmit, job, action)
 
     def _resubmit(self, job: Job, action: Callable[[Job], None]) -> None:
         with self._pending_lock:
-            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
             if self._stopping:
                 return
-        self._track(self._encode_pool.submit(action, job))
+        self._unpark(job)
+        self._run_in(self._encode_pool, action, job)
+
+    def _unpark(self, job: Job) -> None:
+        """Take an in-flight slot again (see Counters.unpark)."""
+        with self._pending_lock:
+            if not job.parked:
+                return
+            job.parked = False
+            self._holding.discard(id(job))
+        self._counters.unpark()
 
     # -- failures ---------------------------------------------------------------------------
     def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
+        """Send `job`'s input to errors/ with this reason; never raises (see _guarded)."""
+        self._guarded(self._fail, job, stage, error, exc_info)
+
+    def _fail(self, job: Job, stage: str, error: str, exc_info: bool) -> None:
         job.release_image()
         job.files = None
         try:
             rejection = self._publisher.reject(job.claim, stage=stage, error=error)
         except OSError as exc:
-            # The errors folder itself is unusable: the input stays claimed, untouched, and
-            # its rejection is tried again later (and at the next start, at the latest).
-            self._retry_later(job, "reject", exc, lambda j: self.fail(j, stage, error, exc_info))
+            # The errors folder is unusable: the input stays claimed, untouched, and its
+            # rejection is tried again later (and at the next start, at the latest), for as
+            # long as it takes: there is nowhere else it could go.
+            self._retry_later(job, "reject", exc, lambda j: self._fail(j, stage, error, exc_info))
             return
-        self._counters.finished(ok=False)
+        self._settle(job, False)
         job.stage, job.error = stage, error
         self._log.error(
             "file_failed",

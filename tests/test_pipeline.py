@@ -34,13 +34,20 @@ class RecordingLog:
     """A structlog-like logger, safe to call from the pipeline's threads."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.events: list[tuple[str, dict]] = []
 
     def _record(self, event: str, **fields) -> None:
-        fields.pop("exc_info", None)
+        fields["has_traceback"] = bool(fields.pop("exc_info", None))
         with self._lock:
             self.events.append((event, fields))
+            self._lock.notify_all()
+
+    def wait_for(self, name: str, timeout: float = WAIT_S) -> dict:
+        with self._lock:
+            if not self._lock.wait_for(lambda: any(event == name for event, _ in self.events), timeout):
+                raise AssertionError(f"no {name!r} within {timeout}s: {[event for event, _ in self.events]}")
+            return next(fields for event, fields in self.events if event == name)
 
     debug = info = warning = error = critical = _record
 
@@ -87,7 +94,8 @@ def cuda_oom() -> torch.cuda.OutOfMemoryError:
 class Harness:
     """A real Pipeline over real folders, with files claimed the way the daemon claims them."""
 
-    def __init__(self, root: Path, segmenter, *, batch_size: int, max_wait_ms: int = FOREVER_MS, **model) -> None:
+    def __init__(self, root: Path, segmenter, *, batch_size: int, max_wait_ms: int = FOREVER_MS,
+                 on_finished=None, **model) -> None:
         self.root = root
         paths = PathsConfig(
             inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=root / "done"
@@ -106,13 +114,14 @@ class Harness:
         self.log = RecordingLog()
         self.counters = Counters()
         self.finished: "queue.Queue[Job]" = queue.Queue()
+        self.publisher = Publisher(paths, owner="test-1")
         self.pipeline = Pipeline(
             self.cfg,
             segmenter,
-            Publisher(paths, owner="test-1"),
+            self.publisher,
             self.counters,
             self.log,
-            on_finished=self.finished.put,
+            on_finished=on_finished or self.finished.put,
         )
         self.pipeline.start()
 
@@ -459,3 +468,55 @@ def test_the_next_batch_is_staged_while_the_model_runs_and_left_claimed_on_stop(
     # The staged batch never reached the model: its files stay claimed for the next start.
     assert all(job.claim.path.exists() for job in second)
     assert run.finished.empty()
+
+
+# --------------------------------------------------------------------------- errors in the pools
+
+
+def wait_idle(counters: Counters, timeout: float = WAIT_S) -> None:
+    with counters._idle:
+        assert counters._idle.wait_for(lambda: counters.in_flight == 0, timeout), "the job kept its slot"
+
+
+def test_regression_pool_task_exception_when_reject_raises_is_logged_and_frees_the_slot(harness, monkeypatch):
+    """Finding 8: `fail()` when reject raises something other than an OSError: the exception
+    vanished in the pool and the job kept its in-flight slot for ever."""
+    run = harness(FakeSegmenter(), batch_size=1)
+    monkeypatch.setattr(run.publisher, "reject", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug in reject")))
+    path = run.work / "broken.png"
+    path.write_bytes(b"not an image")
+    job = Job(claim=Claim(rel=PurePath("broken.png"), path=path), input=run.cfg.paths.inbox / "broken.png",
+              ready_at=time.monotonic())
+    run.counters.started()
+    run.pipeline.submit(job)
+    event = run.log.wait_for("task_failed")
+    assert event["error"] == "ValueError: bug in reject" and event["has_traceback"]
+    assert event["left_claimed"] is True and event["input"].endswith("broken.png")
+    wait_idle(run.counters)
+    assert run.counters.snapshot() == {"processed": 0, "failed": 0, "in_flight": 0}
+    assert path.exists(), "left claimed for the next start"
+
+
+def test_regression_pool_task_exception_in_on_finished_is_logged_not_lost(harness):
+    def on_finished(job):
+        raise RuntimeError("callback bug")
+
+    run = harness(FakeSegmenter(), batch_size=1, on_finished=on_finished)
+    run.submit("a.png", 40, 30)
+    event = run.log.wait_for("task_failed")
+    assert event["error"] == "RuntimeError: callback bug" and event["has_traceback"]
+    assert event["left_claimed"] is False, "it was published and counted before the callback"
+    wait_idle(run.counters)
+    assert run.counters.snapshot() == {"processed": 1, "failed": 0, "in_flight": 0}
+    assert run.outputs() == ["a.png"]
+
+
+def test_regression_pool_task_exception_in_batches_put_is_logged_and_frees_the_slot(harness, monkeypatch):
+    run = harness(FakeSegmenter(), batch_size=1)
+    monkeypatch.setattr(run.pipeline.batches, "put", lambda *a, **k: (_ for _ in ()).throw(KeyError("queue bug")))
+    job = run.submit("a.png", 40, 30)
+    event = run.log.wait_for("task_failed")
+    assert event["left_claimed"] is True and event["has_traceback"]
+    wait_idle(run.counters)
+    assert job.claim.path.exists()
+    assert run.counters.snapshot() == {"processed": 0, "failed": 0, "in_flight": 0}
