@@ -295,11 +295,12 @@ def _check_unknown(
         if isinstance(key, str) and key in allowed:
             continue
         close = difflib.get_close_matches(key, allowed, n=1) if isinstance(key, str) else []
-        if isinstance(key, str) and _PLAIN_KEY_RE.fullmatch(key):
-            dotted = f"{prefix}.{key}" if prefix else key
+        name = key if isinstance(key, str) else _describe(key) if _is_int(key) else ""
+        if _PLAIN_KEY_RE.fullmatch(name):
+            dotted = f"{prefix}.{name}" if prefix else name
             message = "unknown key"
         else:
-            # Spaces, colons, newlines or a non-string key would garble the line's key part.
+            # Spaces, colons, newlines or a float, null or bool key would garble the key part.
             dotted = prefix or label
             message = f"unknown key {_describe(key)}" + ("" if prefix else " at the top level")
         # Only ten sections exist, so the full list is always worth showing at the top.
