@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -694,7 +695,26 @@ def _parse_metrics(s: _Section) -> MetricsConfig:
         # 0 lets the kernel pick a free port (the daemon logs which); useful in tests.
         port = s.integer("port", 0, 0, 65535)
     address = s.string("address", _default(MetricsConfig, "address"))
+    if address is not _BAD:
+        address = address.strip()
+        # The socket layer raises a UnicodeError, not an OSError, for a label over 63 characters.
+        if not _is_host(address):
+            s.problems.add("metrics.address", f"expected an IP address or a host name, got {_describe(address)}")
+            address = _BAD
     return MetricsConfig(port=port, address=address)
+
+
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    return len(text) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _parse_logging(s: _Section, base_dir: Path) -> LoggingConfig:
