@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -193,7 +194,7 @@ NASTY_DOCUMENTS = {
     "comment_only": b"# nothing here\n",
     "bad_glob_range": b"paths: {inbox: i, outbox: o, errors: e, done: null}\nprofiles: [{match: '[z-a]/', output: {}}]\n",
     "bad_glob_empty_set": b"paths: {inbox: i, outbox: o, errors: e, done: null}\nprofiles: [{match: 'a/[]/b', output: {}}]\n",
-    "odd_key": b"'key: with\\nbreak': 1\nwatch: {'a b': 1}\n",
+    "odd_key": b'"key: with\\nbreak": 1\nwatch: {"a b": 1}\n',
 }
 
 
@@ -226,7 +227,8 @@ def restore_process_state():
     """`run` configures the process's logging for the examples run in-process; undo that,
     and remove the examples' folder."""
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level, logging.getLogger("rmbgd").level, threading.excepthook)
+    saved = (list(root.handlers), root.level, logging.getLogger("rmbgd").level, threading.excepthook,
+             warnings.showwarning)
     saved_structlog = structlog.get_config()
     yield
     root.handlers[:] = saved[0]
@@ -234,6 +236,7 @@ def restore_process_state():
     logging.getLogger("rmbgd").setLevel(saved[2])
     threading.excepthook = saved[3]
     logging.captureWarnings(False)
+    warnings.showwarning = saved[4]
     structlog.configure(**saved_structlog)
     shutil.rmtree(FUZZ_ROOT, ignore_errors=True)
 
@@ -446,3 +449,37 @@ def test_reload_of_generated_configs_never_stops_the_daemon(daemons, folders, tm
     assert_no_traceback("\n".join(daemon.stderr_lines), "\n".join(daemon.non_json))
     process_one(daemon, folders, "after-fuzz.png")
     assert daemon.stop() == 0
+
+
+class RecordingLog:
+    """Stands in for the structlog logger: keeps (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, dict]] = []
+
+    def __getattr__(self, level: str):
+        return lambda event, **fields: self.records.append((level, event, fields))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug\nover two lines"), PermissionError(13, "Permission denied")])
+def test_reload_turns_any_failure_into_reload_failed_and_keeps_the_config(tmp_path, monkeypatch, error):
+    from rmbgd import daemon as daemon_mod
+    from rmbgd.config import load_config
+
+    config = write_config(tmp_path / "config.yaml", base_config(tmp_path, tmp_path / "model"))
+    cfg = load_config(config)
+    log = RecordingLog()
+    daemon = daemon_mod.Daemon(cfg, log)
+
+    def broken(path, **kwargs):
+        raise error
+
+    monkeypatch.setattr(daemon_mod, "load_config", broken)
+    daemon._reload()
+    assert daemon.cfg is cfg
+    [(level, event, fields)] = [r for r in log.records if r[1].startswith("reload")]
+    assert (level, event) == ("error", "reload_failed")
+    assert fields["error"].startswith(f"{config}: cannot be checked: {type(error).__name__}: ")
+    assert "\n" not in fields["error"]
+    # A bug keeps its traceback in the JSON log, for the report that fixes it.
+    assert fields["exc_info"] is True
