@@ -197,6 +197,9 @@ def _run(path: str) -> int:
     except ConfigError as exc:
         _startup_failed(log, exc.problems[0], more=exc.problems[1:])
         return EXIT_USAGE
+    except Exception:  # the CLI boundary: a bug in rmbgd's validation, logged as JSON with its traceback
+        log.critical("crashed", exc_info=True)
+        return 1
     logs.set_level(cfg.logging.level)
     try:
         logs.set_file(cfg.logging.file)

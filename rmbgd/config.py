@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from rmbgd.cpus import available_cpus
-from rmbgd.profiles import Profile, compile_glob, glob_problem, output_for
+from rmbgd.profiles import GlobError, Profile, compile_glob, output_for
 
 __all__ = [
     "BatchConfig",
@@ -215,6 +216,11 @@ DYNAMIC_INPUT_SIZE = "dynamic"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # A config is a few hundred bytes; the cap keeps `--config /dev/zero` from eating memory.
 _MAX_CONFIG_BYTES = 1024 * 1024
+# Upper bounds far above any real use: a typo with extra digits must not become a million
+# threads, claims or a pixel budget no image reaches.
+_MAX_WORKERS = 1024
+_MAX_IN_FLIGHT = 100_000
+_MAX_PIXELS_LIMIT = 10**12
 # Marks a value that failed validation; the problem is already recorded.
 _BAD: Any = object()
 
@@ -239,12 +245,18 @@ def _describe(value: object) -> str:
     if isinstance(value, str):
         shown = value if len(value) <= 60 else value[:57] + "..."
         return repr(shown)
+    if _is_int(value) and value.bit_length() > 200:
+        # YAML's base-60 ints (`1:2:3:...`) can exceed what str() of an int may print.
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'-' if value < 0 else ''}an integer of about {digits} digits"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, (list, tuple)):
         return "a list"
+    if isinstance(value, bytes):
+        return "binary data"
     return f"a {type(value).__name__}"
 
 
@@ -257,6 +269,14 @@ def _is_number(value: object) -> bool:
     return _is_int(value) or isinstance(value, float)
 
 
+def _finite(value: int | float) -> bool:
+    """Whether `value` is a float that is not NaN or infinite (an int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 class _Problems:
     def __init__(self) -> None:
         self.items: list[str] = []
@@ -265,17 +285,26 @@ class _Problems:
         self.items.append(f"{key}: {message}")
 
 
+# A key that can stand in a `dotted.key: problem` line as it is; others are quoted instead.
+_PLAIN_KEY_RE = re.compile(r"[\w-]{1,60}")
+
+
 def _check_unknown(
-    data: Mapping[Any, Any], allowed: Iterable[str], prefix: str, problems: _Problems
+    data: Mapping[Any, Any], allowed: Iterable[str], prefix: str, problems: _Problems, label: str = "config"
 ) -> None:
     allowed = list(allowed)
     for key in data:
         if isinstance(key, str) and key in allowed:
             continue
-        name = str(key)
-        dotted = f"{prefix}.{name}" if prefix else name
-        close = difflib.get_close_matches(name, allowed, n=1) if isinstance(key, str) else []
-        message = "unknown key"
+        close = difflib.get_close_matches(key, allowed, n=1) if isinstance(key, str) else []
+        name = key if isinstance(key, str) else _describe(key) if _is_int(key) else ""
+        if _PLAIN_KEY_RE.fullmatch(name):
+            dotted = f"{prefix}.{name}" if prefix else name
+            message = "unknown key"
+        else:
+            # Spaces, colons, newlines or a float, null or bool key would garble the key part.
+            dotted = prefix or label
+            message = f"unknown key {_describe(key)}" + ("" if prefix else " at the top level")
         # Only ten sections exist, so the full list is always worth showing at the top.
         if not prefix or not close:
             message += f" (expected one of: {', '.join(allowed)})"
@@ -312,7 +341,7 @@ class _Section:
         if not _is_number(value):
             self.problems.add(self._key(name), f"expected a number, got {_describe(value)}")
             return _BAD
-        if not math.isfinite(value):
+        if not _finite(value):
             self.problems.add(self._key(name), f"must be a finite number, got {_describe(value)}")
             return _BAD
         if above is not None and value <= above:
@@ -327,10 +356,10 @@ class _Section:
 
     def _in_range(self, name: str, value: int, lo: int, hi: int | None) -> int:
         if value < lo:
-            self.problems.add(self._key(name), f"must be at least {lo}, got {value}")
+            self.problems.add(self._key(name), f"must be at least {lo}, got {_describe(value)}")
             return _BAD
         if hi is not None and value > hi:
-            self.problems.add(self._key(name), f"must be at most {hi}, got {value}")
+            self.problems.add(self._key(name), f"must be at most {hi}, got {_describe(value)}")
             return _BAD
         return value
 
@@ -356,8 +385,9 @@ class _Section:
         if not value.strip():
             self.problems.add(self._key(name), "must not be empty")
             return _BAD
-        if "\0" in value:
-            self.problems.add(self._key(name), "must not contain a NUL character")
+        reason = _text_problem(value)
+        if reason:
+            self.problems.add(self._key(name), reason)
             return _BAD
         return value
 
@@ -370,6 +400,18 @@ class _Section:
             self.problems.add(self._key(name), f"expected {expected}, got {_describe(value)}")
             return _BAD
         return normalized
+
+
+def _text_problem(value: str) -> str | None:
+    """Why `value` cannot be a name or a path, or None."""
+    if "\0" in value:
+        return "must not contain a NUL character"
+    try:
+        # A `"\ud800"` escape in YAML gives a lone surrogate, which no file name can hold.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"must be valid Unicode text, got {_describe(value)}"
+    return None
 
 
 def _absolute(raw: str, base_dir: Path) -> Path:
@@ -434,8 +476,9 @@ def _parse_paths(top: Mapping[Any, Any], base_dir: Path, problems: _Problems) ->
         if not raw.strip():
             problems.add(dotted, "must not be empty")
             continue
-        if "\0" in raw:
-            problems.add(dotted, "must not contain a NUL character")
+        reason = _text_problem(raw)
+        if reason:
+            problems.add(dotted, reason)
             continue
         values[key] = _absolute(raw, base_dir)
     return PathsConfig(**values)
@@ -627,7 +670,12 @@ def _parse_profiles(raw: object, base: OutputConfig, problems: _Problems) -> tup
         reason = "required" if glob is None else None
         if reason is None and (not isinstance(glob, str) or not glob.strip()):
             reason = f"expected a glob under the inbox such as 'white/**', got {_describe(glob)}"
-        reason = reason or glob_problem(glob)
+        pattern = None
+        if reason is None:
+            try:
+                pattern = compile_glob(glob)
+            except GlobError as err:
+                reason = str(err)
         if reason:
             problems.add(f"{key}.match", reason)
         overrides = item.get("output")
@@ -637,8 +685,8 @@ def _parse_profiles(raw: object, base: OutputConfig, problems: _Problems) -> tup
         allowed = [f.name for f in dataclasses.fields(OutputConfig)]
         _check_unknown(overrides, allowed, f"{key}.output", problems)
         output = _parse_output(_Section(f"{key}.output", overrides, problems), base)
-        if reason is None:
-            profiles.append(Profile(match=glob, output=output, pattern=compile_glob(glob)))
+        if pattern is not None:
+            profiles.append(Profile(match=glob, output=output, pattern=pattern))
     return tuple(profiles)
 
 
@@ -648,7 +696,26 @@ def _parse_metrics(s: _Section) -> MetricsConfig:
         # 0 lets the kernel pick a free port (the daemon logs which); useful in tests.
         port = s.integer("port", 0, 0, 65535)
     address = s.string("address", _default(MetricsConfig, "address"))
+    if address is not _BAD:
+        address = address.strip()
+        # The socket layer raises a UnicodeError, not an OSError, for a label over 63 characters.
+        if not _is_host(address):
+            s.problems.add("metrics.address", f"expected an IP address or a host name, got {_describe(address)}")
+            address = _BAD
     return MetricsConfig(port=port, address=address)
+
+
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    return len(text) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _parse_logging(s: _Section, base_dir: Path) -> LoggingConfig:
@@ -670,7 +737,7 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str, with_p
         raise ConfigError(f"{label}: expected a mapping at the top level, got {_describe(data)}")
 
     problems = _Problems()
-    _check_unknown(data, [*_SECTIONS, "profiles"], "", problems)
+    _check_unknown(data, [*_SECTIONS, "profiles"], "", problems, label)
     if with_paths:
         paths = _parse_paths(data, base_dir, problems)
     else:
@@ -687,14 +754,14 @@ def _parse(data: object, base_dir: Path, source: Path | None, label: str, with_p
     model = _parse_model(section("model"), base_dir)
     s = section("input")
     input_cfg = InputConfig(
-        max_pixels=s.integer("max_pixels", _default(InputConfig, "max_pixels"), 1)
+        max_pixels=s.integer("max_pixels", _default(InputConfig, "max_pixels"), 1, _MAX_PIXELS_LIMIT)
     )
     output = _parse_output(section("output"), OutputConfig())
     profiles = _parse_profiles(data.get("profiles"), output, problems)
     s = section("pipeline")
     pipeline = PipelineConfig(
-        workers=s.integer("workers", _default(PipelineConfig, "workers"), 0),
-        max_in_flight=s.integer("max_in_flight", _default(PipelineConfig, "max_in_flight"), 0),
+        workers=s.integer("workers", _default(PipelineConfig, "workers"), 0, _MAX_WORKERS),
+        max_in_flight=s.integer("max_in_flight", _default(PipelineConfig, "max_in_flight"), 0, _MAX_IN_FLIGHT),
     )
     logging_cfg = _parse_logging(section("logging"), base_dir)
     state = StateConfig(dir=_optional_path(section("state"), "dir", base_dir))
@@ -729,7 +796,20 @@ def parse_config(
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which plain YAML silently lets the last win."""
+    """SafeLoader that rejects duplicate keys, which plain YAML silently lets the last win.
+
+    It also turns the plain Python errors that SafeLoader's constructors let out for some
+    malformed values (`!!int x`, `!!bool maybe`, a 5000-digit number, the date 2001-02-30)
+    into YAML errors with a line and column, like every other malformed document."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
+            what = _one_line(str(err))[:120] or type(err).__name__
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this {_tag_name(node.tag)} value ({what})", node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
@@ -749,6 +829,10 @@ class _StrictLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _tag_name(tag: str) -> str:
+    return tag.rsplit(":", 1)[-1] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
 def _yaml_problem(shown: str, text: str, err: yaml.YAMLError) -> str:

@@ -369,7 +369,14 @@ class Daemon:
             if problems:
                 raise ConfigError(problems)
         except ConfigError as exc:
-            self.log.error("reload_failed", error=exc.problems[0], kept="the running config")
+            more = {"more_errors": exc.problems[1:]} if len(exc.problems) > 1 else {}
+            self.log.error("reload_failed", error=exc.problems[0], kept="the running config", **more)
+            self._service.reloaded(self.cfg.logging.progress_seconds)
+            return
+        except Exception as exc:  # a bug in rmbgd's validation must not stop a running daemon
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            self.log.error("reload_failed", error=f"{self.cfg.source}: cannot be checked: {reason}",
+                           kept="the running config", exc_info=True)
             self._service.reloaded(self.cfg.logging.progress_seconds)
             return
         old = self.cfg

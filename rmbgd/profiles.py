@@ -13,12 +13,13 @@ Matching is case-sensitive, like the filesystem.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
-__all__ = ["Profile", "compile_glob", "glob_problem", "output_for"]
+__all__ = ["GlobError", "Profile", "compile_glob", "glob_problem", "output_for"]
 
 
 @dataclass(frozen=True)
@@ -31,56 +32,119 @@ class Profile:
         return self.pattern.fullmatch(rel.as_posix()) is not None
 
 
+class GlobError(ValueError):
+    """A profile's glob that cannot be used; the message says why, naming the glob."""
+
+
 def glob_problem(glob: str) -> Optional[str]:
     """Why `glob` cannot be a profile's match, or None when it can."""
-    if glob.startswith("/"):
-        return f"must be relative to the inbox, got {glob!r}"
-    segments = glob.rstrip("/").split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
-        return f"must not contain empty, '.' or '..' folders, got {glob!r}"
-    for segment in segments:
-        if "**" in segment and segment != "**":
-            return f"'**' must be a whole folder name (e.g. 'a/**/b.png'), got {glob!r}"
-        if segment.count("[") != segment.count("]"):
-            return f"unbalanced '[' in {glob!r}"
+    try:
+        compile_glob(glob)
+    except GlobError as err:
+        return str(err)
     return None
 
 
 def compile_glob(glob: str) -> re.Pattern[str]:
+    """The regex for `glob` (see the module's rules); raises GlobError for any unusable glob."""
+    shown = _shown(glob)
+    if glob.startswith("/"):
+        raise GlobError(f"must be relative to the inbox, got {shown}")
     if glob.endswith("/"):
         glob += "**"
     segments = glob.split("/")
-    parts = []
-    for index, segment in enumerate(segments):
-        last = index == len(segments) - 1
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise GlobError(f"must not contain empty, '.' or '..' folders, got {shown}")
+    names = itertools.count()
+    # The runs of whole names between `**`s; runs of `**` mean the same as one.
+    groups: list[list[str]] = [[]]
+    for segment in segments:
         if segment == "**":
-            # Zero or more whole folders; at the end, anything at all below.
-            parts.append(".*" if last else "(?:[^/]+/)*")
+            if groups[-1] or len(groups) == 1:
+                groups.append([])
+        elif "**" in segment:
+            raise GlobError(f"'**' must be a whole folder name (e.g. 'a/**/b.png'), got {shown}")
         else:
-            parts.append(_segment_regex(segment) + ("" if last else "/"))
-    return re.compile("".join(parts))
+            groups[-1].append(_segment_regex(segment, shown, names))
+    regex = "/".join(groups[0])
+    sep = "/" if groups[0] else ""
+    for group in groups[1:-1]:
+        # A run between two `**` is placed at its leftmost match for good: no match is lost
+        # that way, and many `**` cost linear time instead of trying every split of the path.
+        regex += sep + _locked("(?:[^/]+/)*?" + "/".join(group) + "/", f"g{next(names)}")
+        sep = ""
+    if len(groups) > 1:
+        # At the end, `**` is anything at all below; before a last run, any folders.
+        regex += sep + ("(?:[^/]+/)*" + "/".join(groups[-1]) if groups[-1] else ".*")
+    try:
+        return re.compile(regex)
+    except re.error as err:  # the translation above should rule this out; never a crash
+        raise GlobError(f"cannot be used as a glob ({err.msg}): {shown}") from None
 
 
-def _segment_regex(segment: str) -> str:
-    out = []
+def _shown(glob: str) -> str:
+    return repr(glob if len(glob) <= 60 else glob[:57] + "...")
+
+
+def _locked(pattern: str, name: str) -> str:
+    """`pattern` matched once, at its leftmost place, and never backtracked into.
+
+    A lookahead is not re-entered once it matched; the backreference then consumes what it
+    found. This is an atomic group written so that Python before 3.11 accepts it."""
+    return f"(?=(?P<{name}>{pattern}))(?P={name})"
+
+
+def _segment_regex(segment: str, shown: str, names: Iterator[int]) -> str:
+    """One folder or file name's glob as a regex that never matches a `/`."""
+    pieces: list[list[str]] = [[]]  # the fixed-length parts around the `*`s
     i = 0
     while i < len(segment):
         char = segment[i]
         if char == "*":
-            out.append("[^/]*")
+            pieces.append([])
         elif char == "?":
-            out.append("[^/]")
+            pieces[-1].append("[^/]")
         elif char == "[":
-            end = segment.index("]", i + 1)
-            body = segment[i + 1 : end]
-            negate = body.startswith("!")
-            body = re.escape(body[1:] if negate else body).replace("\\-", "-")
-            out.append(f"[{'^' if negate else ''}{body}]")
+            end = segment.find("]", i + 1)
+            if end < 0:
+                raise GlobError(f"unbalanced '[' in {shown}")
+            pieces[-1].append(_set_regex(segment[i + 1 : end], shown))
             i = end
+        elif char == "]":
+            raise GlobError(f"unbalanced ']' in {shown} (a set is written '[abc]')")
         else:
-            out.append(re.escape(char))
+            pieces[-1].append(re.escape(char))
         i += 1
-    return "".join(out)
+    texts = ["".join(piece) for piece in pieces]
+    if len(texts) == 1:
+        return texts[0]
+    # `*a*b*c`: each middle piece is placed at its leftmost match for good (enough for
+    # fixed-length pieces), so many stars cost linear time, not every split of the name.
+    middle = "".join(_locked(f"[^/]*?{text}", f"g{next(names)}") for text in texts[1:-1])
+    return f"{texts[0]}{middle}[^/]*{texts[-1]}"
+
+
+def _set_regex(body: str, shown: str) -> str:
+    negate = body.startswith("!")
+    if negate:
+        body = body[1:]
+    if not body:
+        raise GlobError(f"empty set '[{'!' if negate else ''}]' in {shown}")
+    out = []
+    i = 0
+    while i < len(body):
+        # `a-z` is a range; a `-` first or last stands for itself.
+        if i + 2 < len(body) and body[i + 1] == "-":
+            low, high = body[i], body[i + 2]
+            if low > high:
+                raise GlobError(f"bad range '{low}-{high}' in {shown} (the first must not come after the last)")
+            out.append(f"{re.escape(low)}-{re.escape(high)}")
+            i += 3
+        else:
+            out.append(re.escape(body[i]))
+            i += 1
+    # A negated set still matches within one name only, like `*` and `?`.
+    return f"[^/{''.join(out)}]" if negate else f"[{''.join(out)}]"
 
 
 def output_for(profiles: Iterable[Profile], default: Any, rel: PurePath) -> Any:

@@ -748,6 +748,9 @@ def test_metrics_port_null_and_zero(tmp_path: Path) -> None:
         ("metrics:\n  port: 70000\n", "metrics.port: must be at most 65535, got 70000"),
         ("metrics:\n  port: http\n", "metrics.port: expected an integer, got 'http'"),
         ("metrics:\n  address: 5\n", "metrics.address: expected a string, got 5"),
+        ("metrics:\n  address: " + "a" * 64 + "\n", "metrics.address: expected an IP address or a host name, got '" + "a" * 57 + "...'"),
+        ("metrics:\n  address: 'a b'\n", "metrics.address: expected an IP address or a host name, got 'a b'"),
+        ("metrics:\n  address: '[::1]'\n", "metrics.address: expected an IP address or a host name, got '[::1]'"),
         ("state:\n  dir: 3\n", "state.dir: expected a string or null, got 3"),
         ("state:\n  folder: x\n", "state.folder: unknown key (expected one of: dir)"),
         ("logging:\n  file: ''\n", "logging.file: must not be empty"),
@@ -812,3 +815,77 @@ def test_model_precision_and_size_keys(tmp_path: Path) -> None:
 )
 def test_model_precision_and_size_errors(tmp_path: Path, snippet: str, expected: str) -> None:
     assert problems_of(tmp_path, MINIMAL_PATHS + snippet) == [expected]
+
+
+# --------------------------------------------------------------------------- hostile values
+# Each of these escaped as a Python exception (a traceback from `check`, a dead daemon on
+# SIGHUP) before; tests/test_config_fuzz.py looks for more of the kind.
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [
+        ("!!int eight", "cannot read this int value"),
+        ("!!bool maybe", "cannot read this bool value"),
+        ("!!float x", "cannot read this float value"),
+        ("2001-02-30", "cannot read this timestamp value (day is out of range for month)"),
+        ("0000-01-01", "cannot read this timestamp value (year 0 is out of range)"),
+        ("9" * 5000, "cannot read this int value (Exceeds the limit"),
+    ],
+)
+def test_yaml_values_python_cannot_build_are_invalid_yaml(tmp_path: Path, value: str, what: str) -> None:
+    path = write(tmp_path, MINIMAL_PATHS + f"watch: {{settle_seconds: {value}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}:6:25: invalid YAML: {what}"), problem
+    assert len(problem) < 300
+
+
+def test_numbers_too_large_for_a_float_are_not_finite(tmp_path: Path) -> None:
+    # YAML 1.1 base-60 ints (`1:0:0`) grow past what str() may print for an int.
+    giant = "1" + ":0" * 3000
+    problems = problems_of(tmp_path, MINIMAL_PATHS + f"watch: {{settle_seconds: {giant}}}\nbatch: {{size: {giant}}}\n")
+    assert problems == [
+        "watch.settle_seconds: must be a finite number, got an integer of about 5335 digits",
+        "batch.size: must be at most 1024, got an integer of about 5335 digits",
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_config({**paths_data(tmp_path), "watch": {"rescan_seconds": 10**400}}, tmp_path)
+    assert info.value.problems == ["watch.rescan_seconds: must be a finite number, got an integer of about 401 digits"]
+
+
+def test_odd_unknown_keys_are_quoted_on_their_parent(tmp_path: Path) -> None:
+    text = MINIMAL_PATHS + '"key: with\\nbreak": 1\n' + "batch: {'a b': 1, 1.5: 2, null: 3, max-wait: 4}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    sections = "paths, watch, batch, model, input, output, pipeline, logging, state, metrics, profiles"
+    assert info.value.problems == [
+        f"{path}: unknown key 'key: with\\nbreak' at the top level (expected one of: {sections})",
+        "batch: unknown key 'a b' (expected one of: size, max_wait_ms)",
+        "batch: unknown key 1.5 (expected one of: size, max_wait_ms)",
+        "batch: unknown key null (expected one of: size, max_wait_ms)",
+        "batch.max-wait: unknown key; did you mean 'max_wait_ms'?",
+    ]
+
+
+def test_lone_surrogates_are_not_text(tmp_path: Path) -> None:
+    text = 'paths: {inbox: "\\ud800", outbox: o, errors: e, done: null}\nmodel: {name: "a\\udcff"}\n'
+    problems = problems_of(tmp_path, text)
+    assert problems == [
+        "paths.inbox: must be valid Unicode text, got '\\ud800'",
+        "model.name: must be valid Unicode text, got 'a\\udcff'",
+    ]
+
+
+@pytest.mark.parametrize(
+    "snippet, expected",
+    [
+        ("pipeline: {workers: 5000}", "pipeline.workers: must be at most 1024, got 5000"),
+        ("pipeline: {max_in_flight: 1000000}", "pipeline.max_in_flight: must be at most 100000, got 1000000"),
+        ("input: {max_pixels: 10000000000000}", "input.max_pixels: must be at most 1000000000000, got 10000000000000"),
+    ],
+)
+def test_counts_have_an_upper_bound(tmp_path: Path, snippet: str, expected: str) -> None:
+    assert problems_of(tmp_path, MINIMAL_PATHS + snippet + "\n") == [expected]

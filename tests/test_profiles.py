@@ -16,7 +16,7 @@ from rmbgd.config import (
     Padding,
     load_config,
 )
-from rmbgd.profiles import compile_glob, glob_problem
+from rmbgd.profiles import GlobError, compile_glob, glob_problem
 
 PATHS = """\
 paths:
@@ -147,6 +147,12 @@ def test_first_matching_profile_wins_and_inherits_the_rest(tmp_path: Path) -> No
         ("[!ab]*/x.jpg", "beta/x.jpg", False),
         ("Sale/*", "sale/a.jpg", False),
         ("a+b (1)/*.jpg", "a+b (1)/x.jpg", True),
+        ("a[!x]b", "a/b", False),
+        ("[a-c-]x", "-x", True),
+        ("x[^]", "x^", True),
+        ("**/a/**/b", "ab/a/b", True),
+        ("*a*b", "xaybab", True),
+        ("*a*b", "xaybx", False),
     ],
 )
 def test_glob_rules(glob: str, path: str, matched: bool) -> None:
@@ -164,6 +170,10 @@ def test_glob_rules(glob: str, path: str, matched: bool) -> None:
         ("profiles: [{match: ../up/*, output: {}}]", "profiles[0].match: must not contain empty, '.' or '..'"),
         ("profiles: [{match: 'a/**b', output: {}}]", "profiles[0].match: '**' must be a whole folder name"),
         ("profiles: [{match: 'a/[b', output: {}}]", "profiles[0].match: unbalanced '['"),
+        ("profiles: [{match: 'a]b[', output: {}}]", "profiles[0].match: unbalanced ']'"),
+        ("profiles: [{match: '[z-a]/', output: {}}]", "profiles[0].match: bad range 'z-a' in '[z-a]/'"),
+        ("profiles: [{match: 'a/[]/b', output: {}}]", "profiles[0].match: empty set '[]' in 'a/[]/b'"),
+        ("profiles: [{match: 'a/[!]', output: {}}]", "profiles[0].match: empty set '[!]'"),
         ("profiles: [{match: a/, output: null}]", "profiles[0].output: expected a mapping of output settings"),
         ("profiles: [{match: a/, output: {formt: png}}]", "profiles[0].output.formt: unknown key; did you mean 'format'?"),
         ("profiles: [{match: a/, output: {format: jpeg}}]", "profiles[0].output.format: jpeg has no transparency"),
@@ -183,3 +193,20 @@ def test_a_profile_may_supply_the_background_jpeg_needs(tmp_path: Path) -> None:
 def test_an_inherited_problem_is_reported_once(tmp_path: Path) -> None:
     found = problems(tmp_path, "output: {format: jpeg}\nprofiles: [{match: a/, output: {crop: true}}]\n")
     assert [p.split(":")[0] for p in found] == ["output.format"], found
+
+
+def test_regression_bad_profile_glob_is_a_problem_not_a_crash() -> None:
+    # Finding 1: these reached re.compile and raised re.error out of `rmbgd check`.
+    for glob in ("[z-a]/", "a/[]/b", "[!]", "a]b[c", "[\\-!]"):
+        problem = glob_problem(glob)
+        assert problem and repr(glob) in problem, (glob, problem)
+        with pytest.raises(GlobError):
+            compile_glob(glob)
+
+
+@pytest.mark.timeout(60)
+def test_many_stars_match_in_linear_time() -> None:
+    # A naive translation tries every way to split the name among the stars: hours, not ms.
+    assert compile_glob("*a" * 30 + "*b").fullmatch("a" * 250) is None
+    assert compile_glob("**/a/" * 15 + "b").fullmatch("a/" * 300 + "c") is None
+    assert compile_glob("*a" * 30 + "*b").fullmatch("a" * 250 + "b") is not None
