@@ -205,7 +205,13 @@ class WorkArea:
                 continue  # gone meanwhile, or left for a later adoption
             if not path.name.startswith("."):
                 adopted.append(Claim(rel=rel, path=target))
-        _remove_tree_if_empty(other, keep_lock=False)
+        try:
+            _remove_tree_if_empty(other, keep_lock=False)
+        except OSError as exc:
+            # The files moved above are ours now and must be returned, or they would wait
+            # in our folder until the next start; the emptied folder is tidied up later.
+            if on_error is not None:
+                on_error(other, exc)
         return adopted
 
     def _drop_orphan_intents(self) -> None:

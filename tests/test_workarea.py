@@ -226,6 +226,33 @@ def test_one_file_that_cannot_be_adopted_never_stops_the_others(tmp_path, monkey
     assert [str(c.rel) for c in me.adopt_dead_peers()] == ["b.jpg"]
 
 
+def test_adopted_files_are_returned_when_the_dead_folder_cannot_be_tidied(tmp_path, monkeypatch):
+    # Removing the dead instance's emptied folder (or its lock) can fail; the files already
+    # moved into our folder must still be handed back, or they would wait for the next start.
+    inbox = tmp_path / "inbox"
+    dead = WorkArea(inbox, instance="dead")
+    dead.open()
+    for name in ("a.jpg", "sub/b.jpg"):
+        dead.claim(drop(inbox, name))
+    dead.close()
+    me = WorkArea(inbox, instance="me")
+    me.open()
+    real = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == ".lock" and self.parent == dead.dir:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    problems = []
+    adopted = me.adopt_dead_peers(on_error=lambda path, exc: problems.append((path, exc.errno)))
+
+    assert sorted(str(c.rel) for c in adopted) == ["a.jpg", "sub/b.jpg"]
+    assert all(c.path.exists() for c in adopted)
+    assert problems == [(dead.dir, errno.EIO)]
+
+
 def test_claim_of_a_file_renamed_away_at_the_last_moment_is_none(tmp_path, monkeypatch):
     inbox = tmp_path / "inbox"
     work = WorkArea(inbox, instance="one")
