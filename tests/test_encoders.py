@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -47,7 +48,10 @@ def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
+@functools.lru_cache(maxsize=1)
 def srgb_profile() -> bytes:
+    # Made once: LittleCMS stamps each new profile with the current time, so two made a
+    # second apart differ in their header and a comparison of them would flake.
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
