@@ -156,6 +156,13 @@ class WorkArea:
         self._drop_orphan_intents()
         return adopted
 
+    def _other_folders(self) -> List[Path]:
+        try:
+            return [Path(e.path) for e in os.scandir(self.root)
+                    if e.path != os.fspath(self.dir) and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
     def adopt_dead_peers(self, on_error: Optional[OnAdoptError] = None) -> List[Claim]:
         """Claims of instances whose lock is free; safe to call while we are working.
 
@@ -189,22 +196,23 @@ class WorkArea:
         """Move a dead instance's claims (and their intents) into our folder.
 
         Entries are moved as they are, links and FIFOs included (never opened or followed):
-        the daemon sends whatever is not a regular file to errors/.
+        the daemon sends whatever is not a regular file to errors/. A claim and its intent
+        move together, the intent first: a claim without its journal would be processed
+        again and published a second time (x-1.png).
         """
         adopted: List[Claim] = []
-        for path in list(self._files(other, hidden=True)):
-            rel = PurePath(path.relative_to(other))
-            target = self.dir / rel
-            if os.path.lexists(target):
-                continue  # left for a later recovery; never overwrite a claim
-            try:
-                self._move_in(other, rel, target)
-            except OSError as exc:
-                if not (isinstance(exc, FileNotFoundError) and exc.filename is None) and on_error is not None:
-                    on_error(path, exc)
-                continue  # gone meanwhile, or left for a later adoption
-            if not path.name.startswith("."):
-                adopted.append(Claim(rel=rel, path=target))
+        entries = list(self._files(other, hidden=True))
+        claims = [path for path in entries if not path.name.startswith(".")]
+        journals = {Claim(rel=PurePath(), path=path).intent for path in claims}
+        for path in claims:
+            claim = self._adopt_one(other, path, on_error)
+            if claim is not None:
+                adopted.append(claim)
+        # What else is hidden there (an intent whose file was finished, a half-written one)
+        # comes along and is dropped with our own orphans (_drop_orphan_intents).
+        for path in entries:
+            if path.name.startswith(".") and path not in journals:
+                self._move_entry(other, path, on_error)
         try:
             _remove_tree_if_empty(other, keep_lock=False)
         except OSError as exc:
@@ -214,10 +222,55 @@ class WorkArea:
                 on_error(other, exc)
         return adopted
 
+    def _adopt_one(self, other: Path, path: Path, on_error: Optional[OnAdoptError]) -> Optional[Claim]:
+        """Move one claim of `other`, with its intent, into our folder; None if left there."""
+        rel = PurePath(path.relative_to(other))
+        target = self.dir / rel
+        intent = Claim(rel=rel, path=path).intent
+        if os.path.lexists(target) or os.path.lexists(self.dir / intent.relative_to(other)):
+            return None  # left for a later recovery; never overwrite a claim or its journal
+        moved_intent = os.path.lexists(intent) and self._move_entry(other, intent, on_error)
+        if os.path.lexists(intent) and not moved_intent:
+            return None  # its journal could not come along: both stay for a later try
+        if self._move_entry(other, path, on_error):
+            return Claim(rel=rel, path=target)
+        if moved_intent:
+            # The journal goes back to its claim, so the pair is adopted together later.
+            self._move_back(other, intent, on_error)
+        return None
+
+    def _move_entry(self, other: Path, path: Path, on_error: Optional[OnAdoptError]) -> bool:
+        """Move `path` (below `other`) to the same place in our folder; False if it did not move."""
+        rel = PurePath(path.relative_to(other))
+        try:
+            self._move_in(other, rel, self.dir / rel)
+        except OSError as exc:
+            if not (isinstance(exc, FileNotFoundError) and exc.filename is None) and on_error is not None:
+                on_error(path, exc)
+            return False  # gone meanwhile, or left for a later adoption
+        return True
+
+    def _move_back(self, other: Path, path: Path, on_error: Optional[OnAdoptError]) -> None:
+        ours = self.dir / path.relative_to(other)
+        try:
+            os.rename(ours, path)
+        except OSError as exc:
+            # Left in our folder without its claim; _drop_orphan_intents keeps it until the
+            # claim follows.
+            if on_error is not None:
+                on_error(ours, exc)
+
     def _drop_orphan_intents(self) -> None:
         # An intent whose claim is gone belongs to a file that was fully finished just before
         # a crash, and a half-written intent never took effect: nothing is left to do for them.
         keep = {c.intent for c in self._own_leftovers()}
+        # Also those whose claim is still in a dead peer's folder (it could not follow its
+        # journal here): the claim comes at a later adoption and needs it then.
+        for other in self._other_folders():
+            if _held_by_someone(other / LOCK_NAME):
+                continue
+            for path in self._files(other):
+                keep.add(self.dir / Claim(rel=PurePath(), path=path).intent.relative_to(other))
         for path in list(self._files(self.dir, hidden=True)):
             if path.name.startswith(".") and path not in keep:
                 path.unlink(missing_ok=True)
@@ -284,6 +337,17 @@ def _lock(path: Path) -> Optional[int]:
             return None
         raise
     return fd
+
+
+def _held_by_someone(lock: Path) -> bool:
+    try:
+        fd = _lock(lock)
+    except OSError:
+        return False  # gone, a link, unreadable: no live owner proven
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def _remove_tree_if_empty(top: Path, keep_lock: bool) -> None:

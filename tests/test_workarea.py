@@ -4,12 +4,12 @@ import errno
 import os
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import pytest
 
 from rmbgd.fsops import OwnerLock, owner_of_temp, owner_tag, remove_orphan_temps, temp_path_for, write_temp
-from rmbgd.workarea import WorkArea, special_file_reason
+from rmbgd.workarea import Claim, WorkArea, special_file_reason
 from tests.support.hostile import make_socket
 
 
@@ -251,6 +251,64 @@ def test_adopted_files_are_returned_when_the_dead_folder_cannot_be_tidied(tmp_pa
     assert sorted(str(c.rel) for c in adopted) == ["a.jpg", "sub/b.jpg"]
     assert all(c.path.exists() for c in adopted)
     assert problems == [(dead.dir, errno.EIO)]
+
+
+def dead_claim_with_intent(inbox: Path) -> WorkArea:
+    dead = WorkArea(inbox, instance="dead")
+    dead.open()
+    claim = dead.claim(drop(inbox, "a/x.jpg", b"x"))
+    claim.intent.write_text('{"target": "t", "files": []}')
+    dead.close()
+    return dead
+
+
+def failing_rename_of(monkeypatch, name: str, times: int = 1):
+    real = os.rename
+    left = [times]
+
+    def rename(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(src)) == name and left[0] > 0:
+            left[0] -= 1
+            raise OSError(errno.EIO, "Input/output error", src)
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("failing", ["intent", "claim"])
+def test_regression_a_claim_and_its_intent_are_adopted_together(tmp_path, monkeypatch, failing):
+    # Found by the fault-injection table: an adopted claim whose journal stayed behind was
+    # processed again and published twice (x.png and x-1.png).
+    inbox = tmp_path / "inbox"
+    dead = dead_claim_with_intent(inbox)
+    claim_path = dead.dir / "a" / "x.jpg"
+    intent_name = Claim(rel=PurePath("a/x.jpg"), path=claim_path).intent.name
+    failing_rename_of(monkeypatch, intent_name if failing == "intent" else "x.jpg")
+    me = WorkArea(inbox, instance="me")
+    me.open()
+    problems = []
+
+    assert me.adopt_dead_peers(on_error=lambda path, exc: problems.append(path.name)) == []
+    assert len(problems) == 1
+    assert sorted(p.name for p in (dead.dir / "a").iterdir()) == sorted([intent_name, "x.jpg"]), \
+        "both stay in the dead folder, together"
+
+    (adopted,) = me.adopt_dead_peers()
+    assert adopted.path.read_bytes() == b"x" and adopted.intent.exists()
+
+
+def test_an_intent_whose_claim_stayed_behind_is_kept_at_start_up(tmp_path):
+    inbox = tmp_path / "inbox"
+    dead = dead_claim_with_intent(inbox)
+    claim_path = dead.dir / "a" / "x.jpg"
+    intent = Claim(rel=PurePath("a/x.jpg"), path=claim_path).intent
+    me = WorkArea(inbox, instance="me")
+    me.open()
+    # As left by a claim that could not follow its journal, nor the journal go back.
+    (me.dir / "a").mkdir(parents=True)
+    os.rename(intent, me.dir / "a" / intent.name)
+    me._drop_orphan_intents()
+    assert (me.dir / "a" / intent.name).exists()
 
 
 def test_claim_of_a_file_renamed_away_at_the_last_moment_is_none(tmp_path, monkeypatch):
