@@ -82,7 +82,6 @@ def install() -> None:
         connect=sock.connect, connect_ex=sock.connect_ex, sendto=sock.sendto,
         sendmsg=getattr(sock, "sendmsg", None), getaddrinfo=socket.getaddrinfo,
         gethostbyname=socket.gethostbyname, gethostbyname_ex=socket.gethostbyname_ex,
-        create_connection=socket.create_connection,
     )
 
     def connect(self, address):
