@@ -5,6 +5,7 @@ on unless a test points it at the fake hub, and the network guard is installed h
 through PYTHONPATH, in every Python subprocess the tests start (tests/support/netguard.py).
 """
 
+import atexit
 import os
 import signal
 import sys
@@ -62,12 +63,21 @@ pytest_runtest_call = pytest.hookimpl(wrapper=True)(_guarded)
 pytest_runtest_teardown = pytest.hookimpl(wrapper=True)(_guarded)
 
 
+def _remove_report(creator: int = os.getpid()) -> None:
+    if os.getpid() == creator:  # not in a forked child (tests/support/unprivileged.py)
+        try:
+            os.unlink(NETGUARD_REPORT)
+        except FileNotFoundError:
+            pass
+
+
+# Also when pytest stops before unconfiguring (an interrupted run).
+atexit.register(_remove_report)
+
+
 def pytest_unconfigure(config):
     _HUB_NOWHERE.close()
-    try:
-        os.unlink(NETGUARD_REPORT)
-    except FileNotFoundError:
-        pass
+    _remove_report()
 
 
 @pytest.fixture
