@@ -1,10 +1,103 @@
+"""Shared fixtures, and the guard that keeps every test on this machine.
+
+Before anything else is imported: the hub (HF_ENDPOINT) is a loopback port nothing answers
+on unless a test points it at the fake hub, and the network guard is installed here and,
+through PYTHONPATH, in every Python subprocess the tests start (tests/support/netguard.py).
+"""
+
+import atexit
+import os
 import signal
+import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+from tests.support import netguard
+from tests.support.fakehub import ClosedPort, FakeHub
 
-from tests.support.daemon import DaemonProcess, base_config, subprocess_env, write_config
-from tests.support.tinymodel import build_tiny_model
+_HUB_NOWHERE = ClosedPort()
+os.environ["HF_ENDPOINT"] = _HUB_NOWHERE.url
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+_fd, NETGUARD_REPORT = tempfile.mkstemp(prefix="rmbgd-netguard-", suffix=".log")
+os.close(_fd)
+# Writable by the unprivileged children of the permission tests too.
+os.chmod(NETGUARD_REPORT, 0o666)
+os.environ[netguard.REPORT_ENV] = NETGUARD_REPORT
+_SITE = str(Path(__file__).resolve().parent / "support" / "netguard_site")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SITE]
+)
+netguard.install()
+if "huggingface_hub" in sys.modules:  # read HF_ENDPOINT at import: too late for the variable
+    from huggingface_hub import constants as _hub_constants
+
+    _hub_constants.ENDPOINT = _HUB_NOWHERE.url
+    _hub_constants.HUGGINGFACE_CO_URL_TEMPLATE = _HUB_NOWHERE.url + "/{repo_id}/resolve/{revision}/{filename}"
+
+import pytest  # noqa: E402
+
+from tests.support.daemon import DaemonProcess, base_config, subprocess_env, write_config  # noqa: E402
+from tests.support.tinymodel import build_tiny_model  # noqa: E402
+
+
+def _refusals_since(offset: int) -> list:
+    with open(NETGUARD_REPORT, encoding="utf-8") as fh:
+        fh.seek(offset)
+        return fh.read().splitlines()
+
+
+def _guarded(item):
+    # A refusal can be swallowed by the code under test (the hub probe catches everything)
+    # or happen in a subprocess: the report file sees them all.
+    offset = os.path.getsize(NETGUARD_REPORT)
+    try:
+        return (yield)
+    finally:
+        refused = _refusals_since(offset)
+        if refused:
+            pytest.fail("\n".join(refused), pytrace=False)
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_guarded)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_guarded)
+pytest_runtest_teardown = pytest.hookimpl(wrapper=True)(_guarded)
+
+
+def _remove_report(creator: int = os.getpid()) -> None:
+    if os.getpid() == creator:  # not in a forked child (tests/support/unprivileged.py)
+        try:
+            os.unlink(NETGUARD_REPORT)
+        except FileNotFoundError:
+            pass
+
+
+# Also when pytest stops before unconfiguring (an interrupted run).
+atexit.register(_remove_report)
+
+
+def pytest_unconfigure(config):
+    _HUB_NOWHERE.close()
+    _remove_report()
+
+
+@pytest.fixture
+def hub_nowhere() -> str:
+    """The hub's address for a hub that is out of reach: connections are refused at once."""
+    return _HUB_NOWHERE.url
+
+
+@pytest.fixture(scope="session")
+def fake_hub_server():
+    hub = FakeHub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def fake_hub(fake_hub_server) -> str:
+    """The fake hub's address; fake_hub_server.requests lists what it was asked."""
+    fake_hub_server.requests.clear()
+    return fake_hub_server.url
 
 
 @pytest.fixture(scope="session")

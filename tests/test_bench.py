@@ -7,17 +7,143 @@ run side by side, since most of their time is starting Python, torch and a daemo
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import subprocess
 import sys
 
 from tests.support.daemon import REPO, subprocess_env
 
+# Each bench's JSON line, field by field (README "Benchmarks", bench/*.py): a field missing,
+# of the wrong type or out of its range fails the smoke run, not only a zero figure.
+def count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def positive_count(value) -> bool:
+    return count(value) and value > 0
+
+
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def non_negative(value) -> bool:
+    return number(value) and value >= 0
+
+
+def positive(value) -> bool:
+    return number(value) and value > 0
+
+
+def fraction(value) -> bool:
+    return number(value) and 0 <= value <= 1
+
+
+def busy_share(value) -> bool:
+    # Model time over wall time: at most the whole wall time, give or take the rounding of both.
+    return number(value) and 0 <= value <= 1.05
+
+
+def alpha_level(value) -> bool:
+    return number(value) and 0 <= value <= 255
+
+
+def image_size(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(positive_count(side) for side in value)
+
+
+def text(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+def iso_date(value) -> bool:
+    try:
+        return text(value) and datetime.datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def optional(check):
+    return lambda value: value is None or check(value)
+
+
+MACHINE = {"cpus": positive_count, "python": text, "platform": text, "loadavg_1m_at_start": non_negative, "date": iso_date}
+
+CPU_PATH_SIZE = {
+    "size": image_size, "repeats": positive_count,
+    "naive_ms": positive, "rmbgd_ms": positive, "speedup": positive,
+    "naive_wall_ms": positive, "rmbgd_wall_ms": positive, "wall_speedup": positive,
+    "naive_bytes": positive_count, "rmbgd_bytes": positive_count,
+    "rmbgd_stages_ms": {"decode+resize": non_negative, "model+pre/post": non_negative, "alpha+encode": non_negative},
+    "alpha_max_diff": alpha_level, "alpha_mean_diff": alpha_level,
+    "transparent_fraction": fraction, "rgb_equal_where_visible": flag,
+}
+
+PIPELINE_STAGES = {name: optional(non_negative) for name in ("decode_ms", "wait_ms", "infer_ms", "encode_ms", "write_ms")}
+
+REFINE_CASE = {
+    "size": image_size, "repeats": positive_count, "cpu_ms": positive, "wall_ms": positive,
+    "partial_fraction": fraction, "error_before": non_negative, "error_after": non_negative,
+    "error_reduction": positive,
+}
+
+FIELDS = {
+    "cpu_path": {"bench": text, "machine": MACHINE, "input_size": positive_count, "sizes": {"quick": CPU_PATH_SIZE}},
+    "pipeline": {
+        "bench": text, "machine": MACHINE, "photos": positive_count, "photo_size": image_size,
+        "photo_bytes_mean": positive, "input_size": positive_count, "batch_size": positive_count,
+        "max_wait_ms": count, "workers": count,
+        "simulated_ms_per_image": non_negative, "simulated_ms_per_call": non_negative,
+        "daemon": {
+            "wall_s": positive, "images_per_s": positive, "model_busy": busy_share, "sleep_busy": busy_share,
+            "cpu_ms_per_image": non_negative, "batches": positive_count, "mean_batch": positive,
+            "first_done_s": non_negative, "median_ms": PIPELINE_STAGES, "output_bytes_mean": positive,
+        },
+        "loop": {"wall_s": positive, "images_per_s": positive, "cpu_ms_per_image": non_negative, "output_bytes_mean": positive},
+        "speedup": positive,
+        "idle_drop": {
+            "drops": positive_count, "p50_ms": positive, "p95_ms": positive, "max_ms": positive,
+            "model_ms": non_negative, "bound_ms": positive,
+        },
+    },
+    "flood": {
+        "bench": text, "machine": MACHINE, "files": positive_count, "file_bytes_mean": positive,
+        "failed": count, "events_lost": count, "wall_s": positive, "drop_s": non_negative,
+        "files_per_s": positive, "batches": positive_count,
+        "rss_mib": {"ready": positive, "peak": positive, "first_quarter_max": positive, "last_quarter_max": positive},
+    },
+    "refine": {
+        "bench": text, "machine": MACHINE, "torch_threads": positive_count,
+        "cases": {"quick border": REFINE_CASE, "quick all soft": REFINE_CASE},
+    },
+}
+
+
+def field_problems(value, schema, where: str = "") -> list:
+    if not isinstance(schema, dict):
+        return [] if schema(value) else [f"{where}: {value!r}"]
+    if not isinstance(value, dict):
+        return [f"{where}: {value!r} is not an object"]
+    problems = [f"{where}.{key}: missing" for key in schema if key not in value]
+    for key, check in schema.items():
+        if key in value:
+            problems += field_problems(value[key], check, f"{where}.{key}")
+    return problems
+
+
+# Beyond types and ranges: what each --quick run is known to produce.
 CHECKS = {
     "cpu_path": lambda r: r["sizes"]["quick"]["rgb_equal_where_visible"] and r["sizes"]["quick"]["alpha_max_diff"] <= 2,
-    "pipeline": lambda r: r["daemon"]["images_per_s"] > 0 and r["idle_drop"]["drops"] == 2 and r["speedup"] > 0,
-    "flood": lambda r: r["files"] == 50 and r["failed"] == 0 and r["rss_mib"]["peak"] > 0,
-    "refine": lambda r: r["cases"]["quick border"]["error_reduction"] > 3,
+    "pipeline": lambda r: r["idle_drop"]["drops"] == 2 and r["daemon"]["batches"] <= r["photos"],
+    "flood": lambda r: r["files"] == 50 and r["failed"] == 0 and r["rss_mib"]["ready"] <= r["rss_mib"]["peak"],
+    "refine": lambda r: r["cases"]["quick border"]["error_reduction"] > 3
+    and all(case["error_after"] < case["error_before"] for case in r["cases"].values()),
 }
 
 
@@ -51,4 +177,5 @@ def test_bench_scripts_run(tiny_model, tmp_path):
         result = json.loads(first)
         assert result["bench"] == name
         assert summary, f"{name}: no human summary after the JSON line"
+        assert field_problems(result, FIELDS[name], name) == [], first
         assert CHECKS[name](result), f"{name}: {first}"

@@ -27,9 +27,16 @@ from rmbgd.config import (
     parse_config,
     prepare_folders,
 )
+from tests.support.unprivileged import as_unprivileged, folder_for_unprivileged
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.yaml"
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.fixture
+def user_tmp(tmp_path: Path):
+    """tmp_path, or as root a folder that the unprivileged child of as_unprivileged can use."""
+    yield from folder_for_unprivileged(tmp_path)
+
 
 MINIMAL_PATHS = """\
 paths:
@@ -500,17 +507,17 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path}: cannot read: Is a directory"
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    if IS_ROOT:
-        pytest.skip("root can read any file")
-    path = write(tmp_path, MINIMAL_PATHS)
+def test_unreadable_file(user_tmp: Path) -> None:
+    # As root too: the check runs as an ordinary user (tests/support/unprivileged.py).
+    path = write(user_tmp, MINIMAL_PATHS)
     path.chmod(0)
-    try:
-        with pytest.raises(ConfigError) as info:
-            load_config(path)
-        assert str(info.value) == f"{path}: cannot read: Permission denied"
-    finally:
-        path.chmod(0o644)
+    as_unprivileged(_expect_unreadable, path)
+
+
+def _expect_unreadable(path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: Permission denied"
 
 
 def test_binary_file(tmp_path: Path) -> None:
@@ -613,20 +620,19 @@ def test_check_folders_broken_symlink(tmp_path: Path) -> None:
     ]
 
 
-def test_check_folders_unwritable_parent(tmp_path: Path) -> None:
-    if IS_ROOT:
-        pytest.skip("root passes every access check")
-    locked = tmp_path / "locked"
+def test_check_folders_unwritable_parent(user_tmp: Path) -> None:
+    locked = user_tmp / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    try:
-        cfg = make_cfg(tmp_path, outbox=str(locked / "out"))
-        assert check_folders(cfg) == [
-            f"paths.outbox: cannot be created: {locked} is not writable by this user "
-            f"({locked / 'out'})"
-        ]
-    finally:
-        locked.chmod(0o755)
+    as_unprivileged(_expect_unwritable_parent, user_tmp, locked)
+
+
+def _expect_unwritable_parent(tmp_path: Path, locked: Path) -> None:
+    cfg = make_cfg(tmp_path, outbox=str(locked / "out"))
+    assert check_folders(cfg) == [
+        f"paths.outbox: cannot be created: {locked} is not writable by this user "
+        f"({locked / 'out'})"
+    ]
 
 
 def test_check_folders_access_denied_simulated(
@@ -677,21 +683,22 @@ def test_prepare_folders_reports_failures(tmp_path: Path) -> None:
     assert (tmp_path / "in").is_dir()
 
 
-def test_prepare_folders_permission_denied(tmp_path: Path) -> None:
-    if IS_ROOT:
-        pytest.skip("root can create folders anywhere")
-    locked = tmp_path / "locked"
+def test_prepare_folders_permission_denied(user_tmp: Path) -> None:
+    locked = user_tmp / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    try:
-        cfg = make_cfg(tmp_path, done=str(locked / "done"))
-        with pytest.raises(ConfigError) as info:
-            prepare_folders(cfg)
-        assert info.value.problems == [
-            f"paths.done: cannot create {locked / 'done'}: Permission denied"
-        ]
-    finally:
-        locked.chmod(0o755)
+    (user_tmp / "in").mkdir()
+    as_unprivileged(_expect_prepare_denied, user_tmp, locked)
+    assert not (locked / "done").exists()
+
+
+def _expect_prepare_denied(tmp_path: Path, locked: Path) -> None:
+    cfg = make_cfg(tmp_path, done=str(locked / "done"))
+    with pytest.raises(ConfigError) as info:
+        prepare_folders(cfg)
+    assert info.value.problems == [
+        f"paths.done: cannot create {locked / 'done'}: Permission denied"
+    ]
 
 
 # --------------------------------------------------------------------------- derived values

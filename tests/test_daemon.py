@@ -226,16 +226,22 @@ def test_real_writers_rename_copy_and_slow_writer(daemons, folders, tmp_path):
         fh.write(data[:100])
         fh.flush()
         os.fsync(fh.fileno())
-        time.sleep(2.0)  # the scenario itself: 6x settle_seconds with the file still open
+        time.sleep(2.0)  # the writer's pause, the scenario itself: 6x settle_seconds
+        # A barrier, not a longer sleep: once a file dropped after the pause is done, the
+        # daemon has judged slow.png with the whole pause behind it (a claim would have
+        # moved it out of the inbox by then).
+        shutil.copyfile(staged, inbox / "after-the-pause.png")
+        daemon.wait_for("file_done", lambda r: r["input"].endswith("after-the-pause.png"))
+        assert slow.exists(), "a paused writer's file must not be claimed"
         assert daemon.events("file_failed") == [], "a paused writer's file must not be rejected"
         assert not (folders.outbox / "slow.png").exists()
         fh.write(data[100:])
     record = daemon.wait_for("file_done", lambda r: r["input"].endswith("slow.png"))
     check_output(Path(record["output"]), rgb)
-    for name in ("copied.png", "dl.png"):
+    for name in ("copied.png", "dl.png", "after-the-pause.png"):
         check_output(folders.outbox / name, rgb)
     assert daemon.events("file_failed") == []
-    assert len(daemon.events("file_done")) == 3
+    assert len(daemon.events("file_done")) == 4
 
 
 def test_symlinks_are_never_followed(daemons, folders, tmp_path):

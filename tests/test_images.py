@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -834,12 +833,11 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.timeout(120)  # opening a FIFO without a writer never returns: only a hang fails
 def test_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
-    started = time.perf_counter()
     expect_image_error(fifo, "not a regular file")
-    assert time.perf_counter() - started < 5
 
 
 
@@ -899,9 +897,8 @@ def test_bomb_is_refused_from_the_header(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(header_only_png(50_000, 50_000))
     rss_before = peak_rss_bytes()
-    started = time.perf_counter()
     message = expect_image_error(path, "max_pixels", max_pixels=100_000_000)
-    assert time.perf_counter() - started < 2
+    # Decoding 2500 MP would take gigabytes: the peak shows that only the header was read.
     assert peak_rss_bytes() - rss_before < 200 * 2**20
     assert "2500.0 MP" in message and "100.0 MP" in message
 
