@@ -2,8 +2,11 @@
 
 The model worker asks for the next batch as soon as it is free. A batch is released when
 `size` items are waiting, or when the oldest item has waited `max_wait` seconds since it
-became ready; time spent waiting while the model was busy counts, so after a long model call
-the backlog goes out at once instead of waiting again.
+became ready, i.e. since it was added (the pipeline adds an image once it is decoded, so
+the time it queued for a decoder does not count, as Triton's delay counts from a request's
+entry into its queue). Time spent waiting while the model was busy does count, so after a
+long model call the backlog goes out at once instead of waiting again; and while images
+keep arriving faster than `max_wait`, they leave in full batches.
 
 Images in one batch must share one size, so items carry a key (the model input size) and
 only items with the same key are batched together. The rule above applies to each key on

@@ -232,8 +232,12 @@ class Pipeline:
             self.fail(job, "decode", _describe(exc), exc_info=True)
             return
         job.ms["decode"] = ms_since(start)
+        # The batch window opens now, when the image is ready for the model (as Triton's
+        # delay counts from a request's entry into its queue): counted from the claim, a
+        # backlog's decode queueing alone used it up and each image went out on its own.
+        job.queued_at = time.monotonic()
         # Images in one model call must share one size: the collector batches by it.
-        self.batches.put(job, ready_at=job.ready_at, key=size)
+        self.batches.put(job, ready_at=job.queued_at, key=size)
 
     def _model_size(self, width: int, height: int) -> Tuple[int, int]:
         """The (width, height) an image is run through the model at."""
@@ -284,7 +288,7 @@ class Pipeline:
     def _run_batch(self, batch: List[Job], staged: Any = None) -> None:
         started = time.monotonic()
         for job in batch:
-            job.ms["wait"] = round((started - job.ready_at) * 1000.0 - job.ms.get("decode", 0.0), 1)
+            job.ms["wait"] = round((started - (job.queued_at or started)) * 1000.0, 1)
         self._run_part(batch, staged)
 
     def _run_part(self, batch: List[Job], staged: Any = None) -> None:
