@@ -1,7 +1,7 @@
 """Smoke runs of the benchmark scripts: they must keep working, whatever they measure.
 
 Untimed on purpose: timings belong in bench/RESULTS.md, not in assertions that a busy CI
-machine would break. Each script runs in --quick mode on the session's tiny model; the three
+machine would break. Each script runs in --quick mode on the session's tiny model; they
 run side by side, since most of their time is starting Python, torch and a daemon.
 """
 
@@ -15,7 +15,15 @@ from tests.support.daemon import REPO, subprocess_env
 
 CHECKS = {
     "cpu_path": lambda r: r["sizes"]["quick"]["rgb_equal_where_visible"] and r["sizes"]["quick"]["alpha_max_diff"] <= 2,
-    "pipeline": lambda r: r["daemon"]["images_per_s"] > 0 and r["idle_drop"]["drops"] == 2 and r["speedup"] > 0,
+    "pipeline": lambda r: r["daemon"]["images_per_s"] > 0 and r["idle_drop"]["drops"] == 2 and r["speedup"] > 0
+    and sum(int(size) * calls for size, calls in r["daemon"]["batch_histogram"].items()) == r["photos"]
+    and sum(r["daemon"]["batch_histogram"].values()) == r["daemon"]["batches"],
+    # Every file in exactly one model call of at most batch.size images, and the counts agree.
+    "burst": lambda r: r["files"] == 24 and r["batch_size"] == 8
+    and sum(int(size) * calls for size, calls in r["batch_histogram"].items()) == r["files"]
+    and all(1 <= int(size) <= r["batch_size"] for size in r["batch_histogram"])
+    and sum(r["batch_histogram"].values()) == r["model_calls"] >= r["fewest_calls"] == 3
+    and r["full_batches"] == r["batch_histogram"].get("8", 0) and r["median_wait_ms"] >= 0,
     "flood": lambda r: r["files"] == 50 and r["failed"] == 0 and r["rss_mib"]["peak"] > 0,
     "refine": lambda r: r["cases"]["quick border"]["error_reduction"] > 3,
 }
