@@ -191,10 +191,10 @@ def test_polling_cannot_tell_a_rename_and_keeps_the_settle_rule(tmp_path):
 @pytest.fixture
 def bind_mount(tmp_path):
     """`tmp_path` seen a second time through a bind mount (root only)."""
-    view = tmp_path.parent / f"{tmp_path.name}-view"
-    view.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("making a bind mount needs root and mount(8)")
+    view = tmp_path.parent / f"{tmp_path.name}-view"
+    view.mkdir()
     made = subprocess.run(["mount", "--bind", str(tmp_path), str(view)], capture_output=True, text=True)
     if made.returncode != 0:
         view.rmdir()
