@@ -274,7 +274,9 @@ class Pipeline:
 
     def _model_loop(self) -> None:
         while True:
-            item = self._handoff.get()
+            # Marked busy before the slot is freed, so the stage thread, which wakes then,
+            # stages only a full batch beside this call (see collector.BatchQueue.model_busy).
+            item = self._handoff.get(on_take=lambda: self.batches.model_busy(True))
             if item is None:
                 return
             batch, staged = item
@@ -283,6 +285,7 @@ class Pipeline:
                 self._run_batch(batch, staged)
             finally:
                 self._busy_since = None
+                self.batches.model_busy(False)
             self.last_progress = time.monotonic()
 
     def _run_batch(self, batch: List[Job], staged: Any = None) -> None:
@@ -547,14 +550,15 @@ class _Handoff:
                 self._item = item
                 self._cond.notify_all()
 
-    def get(self) -> Any:
-        """The next item, or None once closed."""
+    def get(self, on_take: Callable[[], None] = lambda: None) -> Any:
+        """The next item, or None once closed; `on_take` runs before the slot shows as free."""
         with self._cond:
             while self._item is None and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
             item, self._item = self._item, None
+            on_take()
             self._cond.notify_all()
             return item
 

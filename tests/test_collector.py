@@ -285,3 +285,30 @@ def test_lone_image_leaves_after_max_wait():
     assert c.take(5.1999) is None
     assert c.due_at() == pytest.approx(5.2)
     assert c.take(5.2) == ["a"]
+
+
+def test_while_the_model_is_busy_only_a_full_batch_is_handed_out():
+    c = Collector(size=3, max_wait_seconds=0.2)
+    c.add("a", ready_at=1.0)
+    assert c.take(5.0, full_only=True) is None  # long due, but the model could not run it yet
+    assert c.due_at(full_only=True) is None
+    c.add("b", ready_at=4.0)
+    c.add("c", ready_at=4.9)
+    assert c.due_at(full_only=True) == float("-inf")
+    assert c.take(5.0, full_only=True) == ["a", "b", "c"]
+
+
+def test_queue_holds_a_due_partial_batch_until_the_model_is_free():
+    clock = ManualClock(10.0)
+    q = BatchQueue(size=4, max_wait_seconds=0.2, clock=clock)
+    q.model_busy(True)
+    q.put("a", ready_at=1.0)
+    assert q.get(timeout=0) is None
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
+    consumer.start()
+    q.put("b", ready_at=9.0)  # wakes the consumer: still nothing to take while busy
+    q.model_busy(False)       # the model is free: the due partial batch goes at once
+    consumer.join(30)
+    assert not consumer.is_alive()
+    assert got == [["a", "b"]]

@@ -392,6 +392,28 @@ def test_regression_batch_wait_counts_from_decode_not_claim(harness):
         assert job.ms["total"] >= 60_000.0
 
 
+def test_regression_images_decoded_during_a_model_call_join_one_batch(harness):
+    # max_wait 0: every image is due the moment it is decoded. While the model is busy the
+    # stage thread used to take each one as it came and stage it alone (issue 12); now only
+    # a full batch is staged beside a running call, and a partial one waits for the model.
+    gate = threading.Event()
+    fake = FakeSegmenter(fails=lambda sizes: None if gate.wait(WAIT_S) else TimeoutError("gate"))
+    run = harness(fake, batch_size=4, max_wait_ms=0)
+    run.submit("first.png", 40, 30)
+    _until(lambda: fake.batch_sizes() == [1], "the first call started")
+
+    def gathered() -> int:
+        staged = run.pipeline._handoff._item
+        return len(run.pipeline.batches) + (len(staged[0]) if staged else 0)
+
+    for index in range(4):
+        run.submit(f"p{index}.png", 40, 30)
+        _until(lambda n=index + 1: gathered() == n, "decoded")
+    gate.set()
+    run.wait_finished(5)
+    assert fake.batch_sizes() == [1, 4]
+
+
 # --------------------------------------------------------------------------- the CPU path
 
 
