@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch.size (default 8)")
     parser.add_argument("--max-wait-ms", type=int, default=200, help="batch.max_wait_ms (default 200)")
     parser.add_argument("--workers", type=int, default=0, help="pipeline.workers (0 = one per core)")
+    parser.add_argument("--max-in-flight", type=int, default=0, help="pipeline.max_in_flight (0 = its default)")
     parser.add_argument("--model", help="an already built tiny-model folder (its own delays apply)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and print its path")
     args = parser.parse_args(argv)
@@ -88,7 +89,7 @@ def run(root: Path, args: argparse.Namespace) -> dict:
         model_dir,
         batch={"size": args.batch, "max_wait_ms": args.max_wait_ms},
         model={"input_size": args.input_size},
-        pipeline={"workers": args.workers},
+        pipeline={"workers": args.workers, "max_in_flight": args.max_in_flight},
         watch={"settle_seconds": 1.0, "rescan_seconds": 30.0},
     )
     inbox = root / "inbox"
@@ -125,6 +126,7 @@ def run(root: Path, args: argparse.Namespace) -> dict:
         "batch_size": args.batch,
         "max_wait_ms": args.max_wait_ms,
         "workers": args.workers,
+        "max_in_flight": args.max_in_flight,
         "simulated_ms_per_image": per_image,
         "simulated_ms_per_call": per_call,
         "drop_s": round(dropped - started, 3),

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drops", type=int, default=10, help="single files dropped into the idle daemon")
     parser.add_argument("--input-size", type=int, default=1024, help="model.input_size (default 1024)")
     parser.add_argument("--workers", type=int, default=0, help="pipeline.workers (0 = one per core)")
+    parser.add_argument("--max-in-flight", type=int, default=0, help="pipeline.max_in_flight (0 = its default)")
     parser.add_argument("--batch", type=int, default=8, help="batch.size (default 8)")
     parser.add_argument("--max-wait-ms", type=int, default=200, help="batch.max_wait_ms (default 200)")
     parser.add_argument("--model", help="an already built tiny-model folder (its own delays apply)")
@@ -119,7 +120,7 @@ def run(root: Path, args: argparse.Namespace, size: tuple[int, int]) -> dict:
         model_dir,
         batch={"size": args.batch, "max_wait_ms": args.max_wait_ms},
         model={"input_size": args.input_size},
-        pipeline={"workers": args.workers},
+        pipeline={"workers": args.workers, "max_in_flight": args.max_in_flight},
         # Files arrive by rename, which is ready at once; the rescan only matters for losses.
         watch={"settle_seconds": 1.0, "rescan_seconds": 30.0},
     )
@@ -140,6 +141,7 @@ def run(root: Path, args: argparse.Namespace, size: tuple[int, int]) -> dict:
         "batch_size": args.batch,
         "max_wait_ms": args.max_wait_ms,
         "workers": args.workers,
+        "max_in_flight": args.max_in_flight,
         "simulated_ms_per_image": per_image,
         "simulated_ms_per_call": per_call,
         "daemon": daemon_result,
