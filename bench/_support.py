@@ -118,6 +118,19 @@ def machine() -> dict:
     }
 
 
+def batch_histogram(sizes: list[int]) -> dict:
+    """{"size": number of model calls of that size}, smallest size first (JSON keys are text)."""
+    counts: dict[int, int] = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    return {str(size): counts[size] for size in sorted(counts)}
+
+
+def show_histogram(histogram: dict) -> str:
+    """`1x3 2x1 8x36`: calls of each batch size, for the human summary."""
+    return " ".join(f"{size}x{count}" for size, count in histogram.items()) or "none"
+
+
 def emit(result: dict, summary: list[str]) -> None:
     """One JSON line (for scripts), then a short summary for people."""
     print(json.dumps(result, sort_keys=True), flush=True)

@@ -2,8 +2,11 @@
 
 The model worker asks for the next batch as soon as it is free. A batch is released when
 `size` items are waiting, or when the oldest item has waited `max_wait` seconds since it
-became ready; time spent waiting while the model was busy counts, so after a long model call
-the backlog goes out at once instead of waiting again.
+became ready, i.e. since it was added (the pipeline adds an image once it is decoded, so
+the time it queued for a decoder does not count, as Triton's delay counts from a request's
+entry into its queue). Time spent waiting while the model was busy does count, so after a
+long model call the backlog goes out at once instead of waiting again; and while images
+keep arriving faster than `max_wait`, they leave in full batches.
 
 Images in one batch must share one size, so items carry a key (the model input size) and
 only items with the same key are batched together. The rule above applies to each key on
@@ -11,6 +14,10 @@ its own. When several keys are due at once, the one holding the oldest item goes
 a backlog is served in arrival order and no size can starve another. A full batch of one
 key does go out before a partial batch of another key that is not yet due, since waiting
 for that one would only delay both.
+
+While the model is busy only full batches are handed out (to be staged beside the running
+call); a partial batch that comes due meanwhile waits for the model to be free and keeps
+gathering images until then, so a backlog does not leave in fragments.
 
 `Collector` is the pure rule (the caller passes the time); `BatchQueue` wraps it for threads.
 """
@@ -63,23 +70,26 @@ class Collector(Generic[T]):
         bisect.insort(entries, (ready_at, next(self._order), item), key=_order)
         self._count += 1
 
-    def _group_due(self, entries: List[_Entry]) -> float:
+    def _group_due(self, entries: List[_Entry], full_only: bool = False) -> float:
         if len(entries) >= self._size:
             return float("-inf")
-        return entries[0][0] + self._max_wait
+        return float("inf") if full_only else entries[0][0] + self._max_wait
 
-    def due_at(self) -> Optional[float]:
-        """When the next batch will be released if nothing else arrives (None: queue empty)."""
-        if not self._groups:
-            return None
-        return min(self._group_due(entries) for entries in self._groups.values())
+    def due_at(self, full_only: bool = False) -> Optional[float]:
+        """When the next batch will be released if nothing else arrives (None: queue empty,
+        or, with `full_only`, no full batch)."""
+        due = min((self._group_due(entries, full_only) for entries in self._groups.values()), default=None)
+        return None if due == float("inf") else due
 
-    def take(self, now: float) -> Optional[List[T]]:
-        """The next batch, oldest first, all of one key, if one is due at `now`; else None."""
+    def take(self, now: float, full_only: bool = False) -> Optional[List[T]]:
+        """The next batch, oldest first, all of one key, if one is due at `now`; else None.
+
+        `full_only`: only a full batch (the model is busy, so a partial one would not run
+        any sooner than the model is free, and may still grow until then)."""
         due = [
             (_order(entries[0]), key)
             for key, entries in self._groups.items()
-            if self._group_due(entries) <= now
+            if self._group_due(entries, full_only) <= now
         ]
         if not due:
             return None
@@ -116,6 +126,7 @@ class BatchQueue(Generic[T]):
         self._clock = clock
         self._cond = threading.Condition()
         self._closed = False
+        self._model_busy = False
 
     def __len__(self) -> int:
         with self._cond:
@@ -136,6 +147,14 @@ class BatchQueue(Generic[T]):
             self._collector.reconfigure(size, max_wait_seconds)
             self._cond.notify_all()
 
+    def model_busy(self, busy: bool) -> None:
+        """While the model is busy, `get` hands out full batches only: a partial batch taken
+        early would not start any sooner, and the images that arrive meanwhile can join it.
+        When it becomes free, a partial batch that is due goes out at once."""
+        with self._cond:
+            self._model_busy = busy
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Wake the consumer; `get` returns None from now on."""
         with self._cond:
@@ -152,10 +171,10 @@ class BatchQueue(Generic[T]):
         with self._cond:
             while not self._closed:
                 now = self._clock()
-                batch = self._collector.take(now)
+                batch = self._collector.take(now, full_only=self._model_busy)
                 if batch:
                     return batch
-                due = self._collector.due_at()
+                due = self._collector.due_at(full_only=self._model_busy)
                 wake = [t for t in (due, give_up) if t is not None]
                 if give_up is not None and now >= give_up:
                     return None

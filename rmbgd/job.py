@@ -15,7 +15,10 @@ from rmbgd.workarea import Claim
 class Job:
     claim: Claim
     input: Path                     # where the user put it (inbox path), for logs and sidecars
-    ready_at: float                 # monotonic time it was claimed; batch wait counts from here
+    ready_at: float                 # monotonic time it was claimed: `total_ms` counts from here
+    # Monotonic time it was decoded and handed to the collector: the batch window and
+    # `wait_ms` (decoded → its model call starts: batching plus a busy model) count from here.
+    queued_at: Optional[float] = None
     image: Any = None               # DecodedImage once decoded
     mask: Any = None                # (h, w) uint8 once inferred
     batch: Optional[int] = None

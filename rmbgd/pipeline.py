@@ -232,8 +232,12 @@ class Pipeline:
             self.fail(job, "decode", _describe(exc), exc_info=True)
             return
         job.ms["decode"] = ms_since(start)
+        # The batch window opens now, when the image is ready for the model (as Triton's
+        # delay counts from a request's entry into its queue): counted from the claim, a
+        # backlog's decode queueing alone used it up and each image went out on its own.
+        job.queued_at = time.monotonic()
         # Images in one model call must share one size: the collector batches by it.
-        self.batches.put(job, ready_at=job.ready_at, key=size)
+        self.batches.put(job, ready_at=job.queued_at, key=size)
 
     def _model_size(self, width: int, height: int) -> Tuple[int, int]:
         """The (width, height) an image is run through the model at."""
@@ -270,7 +274,9 @@ class Pipeline:
 
     def _model_loop(self) -> None:
         while True:
-            item = self._handoff.get()
+            # Marked busy before the slot is freed, so the stage thread, which wakes then,
+            # stages only a full batch beside this call (see collector.BatchQueue.model_busy).
+            item = self._handoff.get(on_take=lambda: self.batches.model_busy(True))
             if item is None:
                 return
             batch, staged = item
@@ -279,12 +285,13 @@ class Pipeline:
                 self._run_batch(batch, staged)
             finally:
                 self._busy_since = None
+                self.batches.model_busy(False)
             self.last_progress = time.monotonic()
 
     def _run_batch(self, batch: List[Job], staged: Any = None) -> None:
         started = time.monotonic()
         for job in batch:
-            job.ms["wait"] = round((started - job.ready_at) * 1000.0 - job.ms.get("decode", 0.0), 1)
+            job.ms["wait"] = round((started - (job.queued_at or started)) * 1000.0, 1)
         self._run_part(batch, staged)
 
     def _run_part(self, batch: List[Job], staged: Any = None) -> None:
@@ -543,14 +550,15 @@ class _Handoff:
                 self._item = item
                 self._cond.notify_all()
 
-    def get(self) -> Any:
-        """The next item, or None once closed."""
+    def get(self, on_take: Callable[[], None] = lambda: None) -> Any:
+        """The next item, or None once closed; `on_take` runs before the slot shows as free."""
         with self._cond:
             while self._item is None and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
             item, self._item = self._item, None
+            on_take()
             self._cond.notify_all()
             return item
 

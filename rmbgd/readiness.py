@@ -5,7 +5,8 @@ current time and a stat function, so every rule is testable with a fake clock an
 
 A file is ready when
 - a writer closed it after writing (inotify IN_CLOSE_WRITE), or
-- it was renamed/moved into the inbox (the writer finished elsewhere), or
+- it was renamed/moved into the inbox, from inside or outside it (the writer finished
+  elsewhere; a hard link or mknod is only a creation and waits as for a scan), or
 - it was only seen by a scan and its size and mtime stayed the same for `settle` seconds.
 
 A file that we saw being written (created/modified events) but never closed is assumed to
@@ -30,7 +31,7 @@ StatFn = Callable[[Hashable], Signature]
 class Seen(enum.Enum):
     WRITTEN = "written"      # created or modified: a writer is at work
     CLOSED = "closed"        # closed after writing
-    MOVED_IN = "moved_in"    # renamed into the inbox
+    MOVED_IN = "moved_in"    # renamed into the inbox, from inside or outside it
     SCANNED = "scanned"      # found by a scan, no event known
     GONE = "gone"            # deleted or moved away
 

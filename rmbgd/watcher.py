@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 import warnings
 from pathlib import Path, PurePath
 from typing import Callable, Iterator, Optional, Tuple
@@ -84,11 +85,13 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         src = _as_path(event.src_path)
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
-            dest = _as_path(event.dest_path)
-            if self._wanted(src) and not event.is_directory:
+            # A move with one side outside the watched tree comes with that side empty:
+            # renamed in from elsewhere (no source) or moved out of the inbox (no destination).
+            if event.src_path and self._wanted(src) and not event.is_directory:
                 self._sink(Seen.GONE, src)
-            if self._wanted(dest):
-                self._sink(SCAN_DIR if event.is_directory else Seen.MOVED_IN, dest)
+            if event.dest_path and self._wanted(_as_path(event.dest_path)):
+                # A file renamed in is complete: its writer finished it before the rename.
+                self._sink(SCAN_DIR if event.is_directory else Seen.MOVED_IN, _as_path(event.dest_path))
             return
         if not self._wanted(src):
             return
@@ -128,7 +131,7 @@ class Watcher:
         try:
             # Each step can meet an inotify limit: the observer opens an inotify instance
             # (EMFILE), start() adds a watch per folder below the inbox (ENOSPC).
-            observer = PollingObserver(timeout=self._poll_seconds) if self._polling else Observer()
+            observer = PollingObserver(timeout=self._poll_seconds) if self._polling else _native_observer()
             observer.daemon = True
             observer.name = "rmbgd-watcher"
             observer.schedule(
@@ -163,6 +166,20 @@ class Watcher:
         finally:
             inotify_log.removeFilter(_drop_inactive_emitter_noise)
             inotify_log.removeFilter(self._overflow)
+
+
+def _native_observer() -> BaseObserver:
+    # By default watchdog reports a rename into the inbox from a folder it does not watch
+    # (IN_MOVED_TO without its IN_MOVED_FROM) as a mere creation, which looks like a hard
+    # link and would wait out the settle time. With full events it stays a move, with an
+    # empty source, so the file is taken at once. A polling observer cannot tell the two
+    # apart and keeps the settle rule.
+    if sys.platform.startswith("linux"):
+        from watchdog.observers.inotify import InotifyObserver
+
+        if Observer is InotifyObserver:
+            return InotifyObserver(generate_full_events=True)
+    return Observer()
 
 
 class _OverflowFilter(logging.Filter):

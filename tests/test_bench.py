@@ -1,7 +1,7 @@
 """Smoke runs of the benchmark scripts: they must keep working, whatever they measure.
 
 Untimed on purpose: timings belong in bench/RESULTS.md, not in assertions that a busy CI
-machine would break. Each script runs in --quick mode on the session's tiny model; the three
+machine would break. Each script runs in --quick mode on the session's tiny model; they
 run side by side, since most of their time is starting Python, torch and a daemon.
 """
 
@@ -69,6 +69,12 @@ def iso_date(value) -> bool:
         return False
 
 
+def histogram(value) -> bool:
+    # {"<images in a model call>": <how many calls>}, as JSON gives it.
+    return isinstance(value, dict) and bool(value) and all(
+        key.isdigit() and int(key) > 0 and positive_count(calls) for key, calls in value.items())
+
+
 def optional(check):
     return lambda value: value is None or check(value)
 
@@ -98,12 +104,13 @@ FIELDS = {
     "pipeline": {
         "bench": text, "machine": MACHINE, "photos": positive_count, "photo_size": image_size,
         "photo_bytes_mean": positive, "input_size": positive_count, "batch_size": positive_count,
-        "max_wait_ms": count, "workers": count,
+        "max_wait_ms": count, "workers": count, "max_in_flight": count,
         "simulated_ms_per_image": non_negative, "simulated_ms_per_call": non_negative,
         "daemon": {
             "wall_s": positive, "images_per_s": positive, "model_busy": busy_share, "sleep_busy": busy_share,
             "cpu_ms_per_image": non_negative, "batches": positive_count, "mean_batch": positive,
             "first_done_s": non_negative, "median_ms": PIPELINE_STAGES, "output_bytes_mean": positive,
+            "batch_histogram": histogram,
         },
         "loop": {"wall_s": positive, "images_per_s": positive, "cpu_ms_per_image": non_negative, "output_bytes_mean": positive},
         "speedup": positive,
@@ -111,6 +118,15 @@ FIELDS = {
             "drops": positive_count, "p50_ms": positive, "p95_ms": positive, "max_ms": positive,
             "model_ms": non_negative, "bound_ms": positive,
         },
+    },
+    "burst": {
+        "bench": text, "machine": MACHINE, "files": positive_count, "side": positive_count,
+        "input_size": positive_count, "batch_size": positive_count, "max_wait_ms": count,
+        "workers": count, "max_in_flight": count,
+        "simulated_ms_per_image": non_negative, "simulated_ms_per_call": non_negative,
+        "drop_s": non_negative, "wall_s": positive, "images_per_s": positive, "model_busy": busy_share,
+        "model_calls": positive_count, "fewest_calls": positive_count, "full_batches": count,
+        "batch_histogram": histogram, "median_wait_ms": optional(non_negative),
     },
     "flood": {
         "bench": text, "machine": MACHINE, "files": positive_count, "file_bytes_mean": positive,
@@ -140,7 +156,15 @@ def field_problems(value, schema, where: str = "") -> list:
 # Beyond types and ranges: what each --quick run is known to produce.
 CHECKS = {
     "cpu_path": lambda r: r["sizes"]["quick"]["rgb_equal_where_visible"] and r["sizes"]["quick"]["alpha_max_diff"] <= 2,
-    "pipeline": lambda r: r["idle_drop"]["drops"] == 2 and r["daemon"]["batches"] <= r["photos"],
+    "pipeline": lambda r: r["idle_drop"]["drops"] == 2 and r["daemon"]["batches"] <= r["photos"]
+    and sum(int(size) * calls for size, calls in r["daemon"]["batch_histogram"].items()) == r["photos"]
+    and sum(r["daemon"]["batch_histogram"].values()) == r["daemon"]["batches"],
+    # Every file in exactly one model call of at most batch.size images, and the counts agree.
+    "burst": lambda r: r["files"] == 24 and r["batch_size"] == 8
+    and sum(int(size) * calls for size, calls in r["batch_histogram"].items()) == r["files"]
+    and all(1 <= int(size) <= r["batch_size"] for size in r["batch_histogram"])
+    and sum(r["batch_histogram"].values()) == r["model_calls"] >= r["fewest_calls"] == 3
+    and r["full_batches"] == r["batch_histogram"].get("8", 0),
     "flood": lambda r: r["files"] == 50 and r["failed"] == 0 and r["rss_mib"]["ready"] <= r["rss_mib"]["peak"],
     "refine": lambda r: r["cases"]["quick border"]["error_reduction"] > 3
     and all(case["error_after"] < case["error_before"] for case in r["cases"].values()),

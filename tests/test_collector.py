@@ -243,3 +243,72 @@ def test_queue_wakes_consumer_when_one_size_fills():
     consumer.join(10)
     assert not consumer.is_alive()
     assert got == [["l1", "l2"]]
+
+
+def _model_worker(collector, arrivals, call_seconds):
+    """A model that asks for the next batch whenever it is free, with a fake clock; items
+    enter the collector at their `arrivals` times (when decoded). Returns batch sizes."""
+    arrivals = sorted(arrivals)
+    now, taken, sizes = 0.0, 0, []
+    while taken < len(arrivals) or len(collector):
+        while taken < len(arrivals) and arrivals[taken] <= now:
+            collector.add(taken, ready_at=arrivals[taken])
+            taken += 1
+        batch = collector.take(now)
+        if batch:
+            sizes.append(len(batch))
+            now += call_seconds(len(batch))
+            continue
+        upcoming = [t for t in (collector.due_at(), arrivals[taken] if taken < len(arrivals) else None) if t is not None]
+        now = max(now, min(upcoming))
+    return sizes
+
+
+def test_backlog_decoded_one_by_one_faster_than_max_wait_fills_whole_batches():
+    # 300 small images leave the decoders every 10 ms; the model is quicker than that.
+    c = Collector(size=8, max_wait_seconds=0.2)
+    sizes = _model_worker(c, [i * 0.01 for i in range(300)], lambda n: 0.005 + 0.002 * n)
+    assert sizes == [8] * 37 + [4]
+
+
+def test_images_arriving_while_the_model_is_busy_go_out_full():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    sizes = _model_worker(c, [i * 0.01 for i in range(96)], lambda n: 0.005 + 0.04 * n)
+    assert sum(sizes) == 96
+    assert sizes[1:] == [8] * (len(sizes) - 1)
+
+
+def test_lone_image_leaves_after_max_wait():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.add("a", ready_at=5.0)
+    assert c.take(5.0) is None
+    assert c.take(5.1999) is None
+    assert c.due_at() == pytest.approx(5.2)
+    assert c.take(5.2) == ["a"]
+
+
+def test_while_the_model_is_busy_only_a_full_batch_is_handed_out():
+    c = Collector(size=3, max_wait_seconds=0.2)
+    c.add("a", ready_at=1.0)
+    assert c.take(5.0, full_only=True) is None  # long due, but the model could not run it yet
+    assert c.due_at(full_only=True) is None
+    c.add("b", ready_at=4.0)
+    c.add("c", ready_at=4.9)
+    assert c.due_at(full_only=True) == float("-inf")
+    assert c.take(5.0, full_only=True) == ["a", "b", "c"]
+
+
+def test_queue_holds_a_due_partial_batch_until_the_model_is_free():
+    clock = ManualClock(10.0)
+    q = BatchQueue(size=4, max_wait_seconds=0.2, clock=clock)
+    q.model_busy(True)
+    q.put("a", ready_at=1.0)
+    assert q.get(timeout=0) is None
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
+    consumer.start()
+    q.put("b", ready_at=9.0)  # wakes the consumer: still nothing to take while busy
+    q.model_busy(False)       # the model is free: the due partial batch goes at once
+    consumer.join(30)
+    assert not consumer.is_alive()
+    assert got == [["a", "b"]]

@@ -125,10 +125,11 @@ class Harness:
         )
         self.pipeline.start()
 
-    def submit(self, name: str, width: int, height: int, red: int = 200) -> Job:
+    def submit(self, name: str, width: int, height: int, red: int = 200, claimed_ago: float = 0.0) -> Job:
         path = self.work / name
         Image.new("RGB", (width, height), (red, 10, 10)).save(path)
-        job = Job(claim=Claim(rel=PurePath(name), path=path), input=self.cfg.paths.inbox / name, ready_at=time.monotonic())
+        job = Job(claim=Claim(rel=PurePath(name), path=path), input=self.cfg.paths.inbox / name,
+                  ready_at=time.monotonic() - claimed_ago)
         self.counters.started()
         self.pipeline.submit(job)
         return job
@@ -361,6 +362,56 @@ def test_a_reload_does_not_raise_the_batch_size_above_what_fitted(harness):
     assert run.pipeline.batches.size == 2
     run.pipeline.apply(dataclasses.replace(run.cfg, batch=BatchConfig(size=1, max_wait_ms=FOREVER_MS)))
     assert run.pipeline.batches.size == 1
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT_S}s: {what}")
+        time.sleep(0.005)
+
+
+def test_regression_batch_wait_counts_from_decode_not_claim(harness):
+    # A backlog: every file was claimed long ago and queued for a decoder (issue 12). Its
+    # batch window must open when it is decoded, so files decoded one by one, well within
+    # max_wait, share one full batch instead of each going out alone.
+    fake = FakeSegmenter()
+    run = harness(fake, batch_size=4, max_wait_ms=20_000)
+    jobs = []
+    for index in range(4):
+        jobs.append(run.submit(f"p{index}.png", 40, 30, claimed_ago=60.0))
+        # One at a time: each is decoded and in the collector (or, wrongly, at the model)
+        # before the next is decoded.
+        _until(lambda n=index + 1: len(run.pipeline.batches) + sum(fake.batch_sizes()) == n, "decoded")
+    run.wait_finished(4)
+    assert fake.batch_sizes() == [4]
+    for job in jobs:
+        # wait_ms: from decoded to the model call, not from the claim a minute ago.
+        assert 0.0 <= job.ms["wait"] < 20_000.0
+        assert job.ms["total"] >= 60_000.0
+
+
+def test_regression_images_decoded_during_a_model_call_join_one_batch(harness):
+    # max_wait 0: every image is due the moment it is decoded. While the model is busy the
+    # stage thread used to take each one as it came and stage it alone (issue 12); now only
+    # a full batch is staged beside a running call, and a partial one waits for the model.
+    gate = threading.Event()
+    fake = FakeSegmenter(fails=lambda sizes: None if gate.wait(WAIT_S) else TimeoutError("gate"))
+    run = harness(fake, batch_size=4, max_wait_ms=0)
+    run.submit("first.png", 40, 30)
+    _until(lambda: fake.batch_sizes() == [1], "the first call started")
+
+    def gathered() -> int:
+        staged = run.pipeline._handoff._item
+        return len(run.pipeline.batches) + (len(staged[0]) if staged else 0)
+
+    for index in range(4):
+        run.submit(f"p{index}.png", 40, 30)
+        _until(lambda n=index + 1: gathered() == n, "decoded")
+    gate.set()
+    run.wait_finished(5)
+    assert fake.batch_sizes() == [1, 4]
 
 
 # --------------------------------------------------------------------------- the CPU path

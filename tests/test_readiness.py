@@ -161,3 +161,18 @@ def test_event_during_quiet_period_postpones_readiness():
     r.observe(A, Seen.SCANNED, 0.5, (10, 2))  # a rescan saw the change
     assert r.poll(1.0, disk.stat) == []
     assert r.poll(1.5, disk.stat) == [A]
+
+
+def test_renamed_in_is_taken_at_once_while_a_hard_link_waits_out_settle():
+    # What the watcher reports for each (issue 12): a rename into the inbox, from inside or
+    # outside it, is MOVED_IN; a hard link (or mknod) is only a creation, seen as SCANNED.
+    r, disk = make(settle=60.0)
+    renamed, linked = "inbox/renamed.jpg", "inbox/linked.jpg"
+    disk.write(renamed, 10, 1)
+    disk.write(linked, 10, 1)
+    r.observe(linked, Seen.SCANNED, 0.0)
+    r.observe(renamed, Seen.MOVED_IN, 0.0)
+    assert r.poll(0.0, disk.stat) == [renamed]
+    for now in (0.0, 1.0, 30.0, 59.9):
+        assert r.poll(now, disk.stat) == [], now
+    assert r.poll(60.0, disk.stat) == [linked]
