@@ -127,32 +127,32 @@ def export_key(backend: str, fingerprint: str, side: int) -> str:
     return f"{backend}-{side}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
-def cache_dirs(model_dir: Path) -> list[Path]:
-    """Where exports are kept: next to the model, else (read-only model folders, the hub
-    cache) in the user's cache."""
+def cache_dirs(model_dir: Path, local: bool = True) -> list[Path]:
+    """Where exports are kept: next to a local model, else (a read-only model folder, a
+    model in the Hugging Face cache) in the user's cache."""
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rmbgd" / "exports"
-    return [Path(model_dir) / EXPORT_DIR_NAME, user]
+    return ([Path(model_dir) / EXPORT_DIR_NAME] if local else []) + [user]
 
 
 def _cached_or_export(
-    model_dir: Path, key: str, filename: str, make: Callable[[Path], None]
+    roots: list[Path], key: str, filename: str, make: Callable[[Path], None]
 ) -> Path:
     """The cached export ``key`` (its ``filename``), made by ``make(folder)`` if absent.
 
     Made in a temporary folder beside the cache and renamed into place, so a crash or a
     second daemon never leaves a half-written export where a later start would use it.
     """
-    for root in cache_dirs(model_dir):
+    for root in roots:
         done = root / key / filename
         if done.is_file():
             return done
     errors = []
-    for root in cache_dirs(model_dir):
+    for root in roots:
         try:
             root.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         except OSError as exc:
-            errors.append(f"{root}: {exc.strerror or exc}")
+            errors.append(f"{root}: {type(exc).__name__}: {exc.strerror or exc}")
             continue
         try:
             make(scratch)
@@ -298,6 +298,7 @@ def build_runner(
     threads: Optional[int],
     *,
     fingerprint: Optional[str] = None,
+    local: bool = True,
     **runner_options: Any,
 ) -> tuple[Runner, bool]:
     """(a runner for ``model`` exported to ``backend`` at ``side``, whether it was exported now).
@@ -314,8 +315,18 @@ def build_runner(
             export(model, side, folder)
             exported[0] = True
 
-        path = _cached_or_export(model_dir, key, filename, make)
-        return runner_class(path, threads, **runner_options), exported[0]
+        roots = cache_dirs(model_dir, local)
+        path = _cached_or_export(roots, key, filename, make)
+        try:
+            return runner_class(path, threads, **runner_options), exported[0]
+        except Exception:  # noqa: BLE001
+            if exported[0]:
+                raise
+            # A cached export that no longer loads (a disk fault, a hand edit) is made again
+            # once rather than failing every later start.
+            shutil.rmtree(path.parent, ignore_errors=True)
+            path = _cached_or_export(roots, key, filename, make)
+            return runner_class(path, threads, **runner_options), exported[0]
     except BackendError:
         raise
     except Exception as exc:  # noqa: BLE001

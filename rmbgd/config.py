@@ -84,8 +84,10 @@ class ModelConfig:
     max_input_size: int = 2048
     compile: bool = False
     # What runs the model: torch, or an export of it run by onnxruntime or openvino (CPU
-    # only); auto = the fastest one installed on CPU-only hosts, torch elsewhere.
-    backend: str = "auto"
+    # only); auto = the fastest one installed on CPU-only hosts, torch elsewhere. torch by
+    # default: an export drops whatever the model's Python does besides tensor maths (the
+    # test models' simulated accelerator delays) and costs minutes at the first start.
+    backend: str = "torch"
 
 
 @dataclass(frozen=True)
