@@ -220,3 +220,25 @@ def test_a_backend_failing_its_warmup_hands_over_to_torch(tmp_path: Path) -> Non
     assert "infer_request" in fallback["error"]
     assert segmenter.backend == "torch"
     assert_masks_right(segmenter)
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_daemon_runs_the_export_end_to_end(daemons, folders, tmp_path: Path, backend: str) -> None:
+    needs(backend)
+    from tests.support.photos import check_output, pattern, save
+
+    model = build_tiny_model(tmp_path / "model", deformable=True)
+    daemon = daemons.start(model={"name": str(model), "input_size": SIDE, "backend": backend})
+    loaded = daemon.events("model_loaded")[0]
+    assert loaded["backend"] == backend and loaded["exported"] is True
+    sources = {}
+    for name, box in (("a.png", (0.2, 0.2, 0.7, 0.8)), ("b.png", (0.4, 0.1, 0.9, 0.6))):
+        rgb = pattern(160, 120, box)
+        save(rgb, folders.inbox / name)
+        sources[folders.inbox / name] = rgb
+    records = daemon.wait_count(("file_done", "file_failed"), len(sources))
+    assert [r for r in records if r["event"] == "file_failed"] == []
+    for record in daemon.events("file_done"):
+        check_output(Path(record["output"]), sources[Path(record["input"])])
+    assert daemon.stop() == 0
+    assert daemon.stderr_lines == [] and daemon.non_json == []
