@@ -14,15 +14,15 @@ the images of a batch run one after another).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import shutil
 import tempfile
-import contextlib
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
