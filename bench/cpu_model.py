@@ -220,6 +220,12 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 # --------------------------------------------------------------------------- measuring
 
 
+def progress(text: str) -> None:
+    # stderr, so that stdout stays the one JSON line and the summary; the run takes minutes.
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] cpu_model: {text}\n")
+    sys.stderr.flush()
+
+
 def mask_of(segmenter, logits, side):
     import torch
 
@@ -246,12 +252,14 @@ def measure_size(side, count, names, segmenter, model, model_dir, threads, finge
     import torch
 
     notes: dict[str, str] = {}
+    progress(f"{side}: exporting / preparing {', '.join(names)}")
     variants = make_variants(names, segmenter, model, model_dir, side, threads, fingerprint, notes)
     images = [styled_photo(STYLES[i % len(STYLES)], side, seed=i) for i in range(count)]
     inputs = [torch.stack([segmenter.prepare(image)]) for image in images]
 
     first_call = {}
     for name, (run, setup) in list(variants.items()):
+        progress(f"{side}: first call of {name}")
         started = time.perf_counter()
         try:
             run(inputs[0])
@@ -265,6 +273,7 @@ def measure_size(side, count, names, segmenter, model, model_dir, threads, finge
     logits = {name: [] for name in variants}
     order = list(variants)
     for index, x in enumerate(inputs):
+        progress(f"{side}: image {index + 1}/{len(inputs)}")
         rotation = order[index % len(order):] + order[: index % len(order)]
         for name in rotation:
             started = time.perf_counter()
