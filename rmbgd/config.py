@@ -83,6 +83,11 @@ class ModelConfig:
     dtype: str = "auto"
     max_input_size: int = 2048
     compile: bool = False
+    # What runs the model: torch, or an export of it run by onnxruntime or openvino (CPU
+    # only); auto = the fastest one installed on CPU-only hosts, torch elsewhere. torch by
+    # default: an export drops whatever the model's Python does besides tensor maths (the
+    # test models' simulated accelerator delays) and costs minutes at the first start.
+    backend: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,14 @@ _DONE_HINT = "set a folder, or null to delete originals after success"
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 _DTYPE_RE = re.compile(r"auto|float16|bfloat16|float32")
 DYNAMIC_INPUT_SIZE = "dynamic"
+# model.backend values.
+BACKEND_AUTO, BACKEND_TORCH, BACKEND_ONNXRUNTIME, BACKEND_OPENVINO = (
+    "auto",
+    "torch",
+    "onnxruntime",
+    "openvino",
+)
+_BACKEND_RE = re.compile(r"auto|torch|onnxruntime|openvino")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # A config is a few hundred bytes; the cap keeps `--config /dev/zero` from eating memory.
 _MAX_CONFIG_BYTES = 1024 * 1024
@@ -542,6 +555,12 @@ def _parse_model(s: _Section, base_dir: Path) -> ModelConfig:
         ),
         max_input_size=max_input_size,
         compile=s.boolean("compile", _default(ModelConfig, "compile")),
+        backend=s.choice(
+            "backend",
+            _default(ModelConfig, "backend"),
+            _BACKEND_RE,
+            "auto, torch, onnxruntime or openvino",
+        ),
     )
 
 

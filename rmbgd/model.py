@@ -206,6 +206,7 @@ class Segmenter:
         resize_on_device: Optional[bool] = None,
         loader: str = LOADER_FROM_PRETRAINED,
         log: Any = None,
+        runner: Any = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -218,6 +219,12 @@ class Segmenter:
         self._compiled = compiled
         self._log = log
         self._on_cuda = torch.device(device).type == "cuda"
+        # An exported graph (rmbgd.backends) that runs the model instead of torch on the CPU;
+        # the torch model stays loaded to take over if it fails its warm-up.
+        self._runner = runner
+        self.backend = runner.backend if runner is not None else "torch"
+        if runner is not None:
+            resize_on_device = False
         # On a GPU, resampling there costs nothing next to the model and spares the decode
         # pool's cores; on the CPU the decoder's Pillow resize stays the only one, so CPU
         # outputs do not depend on this.
@@ -336,10 +343,20 @@ class Segmenter:
         """One model call over `prepare`d inputs of one size (or their `stack`); the (1, h, w)
         float32 logits of each."""
         pixels = prepared if isinstance(prepared, torch.Tensor) else self.stack(prepared)
+        if self._runner is not None:
+            return self._run_exported(pixels)
         with torch.inference_mode():
             with self._autocast():
                 output = (self._compiled or self._model)(pixels)
             return list(_final_logits(output, len(pixels)).float().unbind(0))
+
+    def _run_exported(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        # Exports take batch 1; on a CPU a batch gains nothing over its images in turn.
+        logits = []
+        for index in range(len(pixels)):
+            out = torch.from_numpy(np.asarray(self._runner(pixels[index : index + 1].numpy())))
+            logits.append(_final_logits(out, 1).float()[0])
+        return logits
 
     def finish(self, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """(1, h, w) logits from `predict_prepared` -> the (height, width) uint8 mask for `size`."""
@@ -426,6 +443,17 @@ class Segmenter:
             if error is None:
                 return
             description, out_of_memory = error
+            if self._runner is not None:
+                self._emit(
+                    "warning",
+                    "model_backend_fallback",
+                    backend=self.backend,
+                    error=description,
+                    fallback="torch",
+                )
+                self._runner = None
+                self.backend = "torch"
+                continue
             if out_of_memory:
                 raise ModelLoadError(
                     f"model.device: out of GPU memory on {self.device} running one {side}x{side} "
@@ -564,9 +592,13 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
             f"model.device: cannot move '{name}' to {device}: {_first_line(exc)}"
         ) from exc
     configure_backends(device, input_size)
-    compiled = _compile(model, log) if getattr(cfg, "compile", False) else None
+    runner, backend_fields = _exported_backend(cfg, model, source, device, dtype, input_size, threads, log)
+    compiled = None
+    if runner is None and getattr(cfg, "compile", False):
+        compiled = _compile(model, log)
 
     fields: dict[str, Any] = {"name": name, "device": device, "dtype": dtype, "loader": loader}
+    fields.update(backend_fields)
     if threads is not None:
         fields["threads"] = threads
     if compiled is not None:
@@ -583,7 +615,75 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
         compiled=compiled,
         loader=loader,
         log=log,
+        runner=runner,
     )
+
+
+def _exported_backend(
+    cfg: Any,
+    model: Any,
+    source: str,
+    device: str,
+    dtype: str,
+    input_size: int | str,
+    threads: Optional[int],
+    log: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """(a runner for model.backend's export, or None for torch; fields for model_loaded).
+
+    An export or runtime failure is never a reason not to start: torch runs the model and
+    model_loaded says why (backend_fallback_reason).
+    """
+    from rmbgd import backends
+
+    wanted = getattr(cfg, "backend", "torch")
+    backend, reason = backends.choose_backend(
+        wanted,
+        device_type=torch.device(device).type,
+        input_size=input_size,
+        dtype=dtype,
+    )
+    if backend != "torch":
+        started = time.perf_counter()
+        try:
+            folder, local = _model_folder(cfg, source)
+            # A first export takes minutes at 1024 on a small CPU; say so before going quiet.
+            _log_info(log, "model_backend_loading", backend=backend, input_size=input_size)
+            with library_messages(log):
+                runner, exported = backends.build_runner(
+                    backend, model, folder, int(input_size), threads, local=local
+                )
+        except backends.BackendError as exc:
+            backend, reason = "torch", str(exc)
+        else:
+            return runner, {
+                "backend": backend,
+                "export": str(runner.path),
+                "exported": exported,
+                "export_ms": round((time.perf_counter() - started) * 1000.0, 1),
+            }
+    fields: dict[str, Any] = {"backend": backend}
+    if reason is not None:
+        fields["backend_fallback_reason"] = reason
+    return None, fields
+
+
+def _model_folder(cfg: Any, source: str) -> tuple[str, bool]:
+    """(the folder holding the model's files, whether it is the user's own folder)."""
+    from rmbgd import backends
+
+    if os.path.isdir(source):
+        return source, True
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(
+            source, "config.json", revision=getattr(cfg, "revision", None), local_files_only=True
+        )
+    except Exception as exc:  # noqa: BLE001
+        # The backend boundary: any hub error just means torch runs the model.
+        raise backends.BackendError(f"cannot find the model's files: {_describe(exc)}") from exc
+    return os.path.dirname(config), False
 
 
 def configure_backends(device: str, input_size: int | str) -> None:
