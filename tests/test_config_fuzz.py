@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import typing
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -35,18 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rmbgd import cli
-from rmbgd.config import (
-    BatchConfig,
-    InputConfig,
-    LoggingConfig,
-    MetricsConfig,
-    ModelConfig,
-    OutputConfig,
-    PathsConfig,
-    PipelineConfig,
-    StateConfig,
-    WatchConfig,
-)
+from rmbgd.config import Config
 from tests.support.daemon import REPO, base_config, wait_until, write_config
 from tests.support.photos import pattern, save
 
@@ -61,20 +51,10 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-SECTIONS = {
-    "paths": PathsConfig,
-    "watch": WatchConfig,
-    "batch": BatchConfig,
-    "model": ModelConfig,
-    "input": InputConfig,
-    "output": OutputConfig,
-    "pipeline": PipelineConfig,
-    "logging": LoggingConfig,
-    "state": StateConfig,
-    "metrics": MetricsConfig,
-}
+# Every section of the config file: the dataclass-typed fields of Config.
+SECTIONS = {name: kind for name, kind in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(kind)}
 KNOWN_KEYS = [(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-OUTPUT_KEYS = [f.name for f in dataclasses.fields(OutputConfig)]
+OUTPUT_KEYS = [f.name for f in dataclasses.fields(SECTIONS["output"])]
 
 # One folder for the in-process examples: check and run only probe the folders a config names
 # (all below here), they create nothing.
