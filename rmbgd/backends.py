@@ -231,7 +231,7 @@ def export_onnx(model: Any, side: int, folder: Path) -> Path:
 
 
 def export_openvino(model: Any, side: int, folder: Path) -> Path:
-    import openvino as ov
+    ov = _openvino()
     import torch
 
     path = folder / "model.xml"
@@ -241,6 +241,26 @@ def export_openvino(model: Any, side: int, folder: Path) -> Path:
         converted = ov.convert_model(final_logits_module(model), example_input=example)
         ov.save_model(converted, str(path), compress_to_fp16=False)
     return path
+
+
+def _openvino() -> Any:
+    """`import openvino`, with its usage reporting declined first.
+
+    Importing OpenVINO's converter, and converting, send events to Google Analytics unless the
+    user opted out in a consent file in their home folder. A daemon converting a model on a
+    server must not phone home, and OpenVINO has no switch for it, so its consent check is
+    answered "declined" for this process before OpenVINO is imported.
+    """
+    try:
+        from openvino_telemetry.utils import opt_in_checker
+    except ImportError:  # no telemetry package: nothing is reported
+        pass
+    else:
+        declined = opt_in_checker.ConsentCheckResult.DECLINED
+        opt_in_checker.OptInChecker.check = lambda self, *args, **kwargs: declined
+    import openvino
+
+    return openvino
 
 
 class OnnxRuntimeRunner(Runner):
@@ -268,8 +288,7 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: Path, threads: Optional[int], precision: str = "f32") -> None:
         super().__init__(path)
-        import openvino as ov
-
+        ov = _openvino()
         core = ov.Core()
         # Explicit: on CPUs with bfloat16, OpenVINO otherwise switches to it on its own,
         # which changes the masks (about 1% logit error).
