@@ -217,3 +217,45 @@ def cpu_seconds(pid: int) -> float:
         # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# The simulated accelerator of pipeline.py and burst.py: 40 ms per image + 5 ms per call at
+# any input size. The tiny network computes its mask from every n-th pixel: its arithmetic is
+# the GPU's work in this simulation and must not load the CPU (a full-size 1x1 convolution
+# costs ~60 ms per 1024² image on this CPU, more than the simulated GPU time itself).
+SIMULATED_MS_PER_CALL = 5.0
+SIMULATED_MS_PER_IMAGE = 40.0
+SIMULATED_SAMPLE_STRIDE = 8
+
+
+def add_daemon_args(parser) -> None:
+    """The daemon settings a simulated-accelerator bench can vary."""
+    parser.add_argument("--input-size", type=int, default=1024, help="model.input_size (default 1024)")
+    parser.add_argument("--workers", type=int, default=0, help="pipeline.workers (0 = one per core)")
+    parser.add_argument("--max-in-flight", type=int, default=0, help="pipeline.max_in_flight (0 = its default)")
+    parser.add_argument("--batch", type=int, default=8, help="batch.size (default 8)")
+    parser.add_argument("--max-wait-ms", type=int, default=200, help="batch.max_wait_ms (default 200)")
+    parser.add_argument("--model", help="an already built tiny-model folder (its own delays apply)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder and print its path")
+
+
+def simulated_daemon(root: Path, args) -> tuple[Path, Path, tuple[float, float]]:
+    """(model folder, daemon config, (ms per call, ms per image)) for a simulated-accelerator
+    run with the settings of add_daemon_args."""
+    model_dir = tiny_model(
+        root,
+        args.model,
+        delay_ms_per_call=SIMULATED_MS_PER_CALL,
+        delay_ms_per_image=SIMULATED_MS_PER_IMAGE,
+        sample_stride=SIMULATED_SAMPLE_STRIDE,
+    )
+    config = daemon_config(
+        root,
+        model_dir,
+        batch={"size": args.batch, "max_wait_ms": args.max_wait_ms},
+        model={"input_size": args.input_size},
+        pipeline={"workers": args.workers, "max_in_flight": args.max_in_flight},
+        # Files arrive by rename, which is ready at once; the rescan only matters for losses.
+        watch={"settle_seconds": 1.0, "rescan_seconds": 30.0},
+    )
+    return model_dir, config, simulated_delays(model_dir)

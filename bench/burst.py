@@ -25,9 +25,6 @@ from pathlib import Path
 
 import _support as support
 
-DELAY_MS_PER_CALL = 5.0
-DELAY_MS_PER_IMAGE = 40.0
-SAMPLE_STRIDE = 8  # see bench/pipeline.py: the tiny network must not load the CPU
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="24 files of 64x64: a smoke run")
     parser.add_argument("--count", type=int, default=300, help="files in the burst (default 300)")
     parser.add_argument("--side", type=int, default=256, help="width and height of each file (default 256)")
-    parser.add_argument("--input-size", type=int, default=1024, help="model.input_size (default 1024)")
-    parser.add_argument("--batch", type=int, default=8, help="batch.size (default 8)")
-    parser.add_argument("--max-wait-ms", type=int, default=200, help="batch.max_wait_ms (default 200)")
-    parser.add_argument("--workers", type=int, default=0, help="pipeline.workers (0 = one per core)")
-    parser.add_argument("--max-in-flight", type=int, default=0, help="pipeline.max_in_flight (0 = its default)")
-    parser.add_argument("--model", help="an already built tiny-model folder (its own delays apply)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder and print its path")
+    support.add_daemon_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.side, args.input_size = 24, 64, 64
@@ -73,25 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(root: Path, args: argparse.Namespace) -> dict:
     machine = support.machine()
-    model_dir = support.tiny_model(
-        root,
-        args.model,
-        delay_ms_per_call=DELAY_MS_PER_CALL,
-        delay_ms_per_image=DELAY_MS_PER_IMAGE,
-        sample_stride=SAMPLE_STRIDE,
-    )
-    per_call, per_image = support.simulated_delays(model_dir)
+    _, config, (per_call, per_image) = support.simulated_daemon(root, args)
     sources = root / "sources"
     files = support.write_photos(sources, args.count, (args.side, args.side))
     contents = [path.read_bytes() for path in files]
-    config = support.daemon_config(
-        root,
-        model_dir,
-        batch={"size": args.batch, "max_wait_ms": args.max_wait_ms},
-        model={"input_size": args.input_size},
-        pipeline={"workers": args.workers, "max_in_flight": args.max_in_flight},
-        watch={"settle_seconds": 1.0, "rescan_seconds": 30.0},
-    )
     inbox = root / "inbox"
     daemon = support.TimedDaemon(config, support.subprocess_env(root / "hf-home"))
     try:

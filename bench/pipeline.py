@@ -36,12 +36,6 @@ from pathlib import Path
 
 import _support as support
 
-DELAY_MS_PER_CALL = 5.0
-DELAY_MS_PER_IMAGE = 40.0
-# The tiny network computes its mask from every n-th pixel: its arithmetic is the GPU's
-# work in this simulation and must not load the CPU (a full-size 1x1 convolution costs ~60
-# ms per 1024² image on this CPU, more than the simulated GPU time itself).
-SAMPLE_STRIDE = 8
 # What an idle drop may take beyond the batch window and the model call (issue 12's target).
 IDLE_MARGIN_MS = 200.0
 
@@ -51,14 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 small photos, 2 idle drops: a smoke run")
     parser.add_argument("--count", type=int, default=100, help="photos in the burst (default 100)")
     parser.add_argument("--drops", type=int, default=10, help="single files dropped into the idle daemon")
-    parser.add_argument("--input-size", type=int, default=1024, help="model.input_size (default 1024)")
-    parser.add_argument("--workers", type=int, default=0, help="pipeline.workers (0 = one per core)")
-    parser.add_argument("--max-in-flight", type=int, default=0, help="pipeline.max_in_flight (0 = its default)")
-    parser.add_argument("--batch", type=int, default=8, help="batch.size (default 8)")
-    parser.add_argument("--max-wait-ms", type=int, default=200, help="batch.max_wait_ms (default 200)")
-    parser.add_argument("--model", help="an already built tiny-model folder (its own delays apply)")
+    support.add_daemon_args(parser)
     parser.add_argument("--skip-loop", action="store_true", help="daemon only (for tuning): no speedup figure")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder and print its path")
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.drops, args.input_size = 3, 2, 64
@@ -97,14 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(root: Path, args: argparse.Namespace, size: tuple[int, int]) -> dict:
     machine = support.machine()
-    model_dir = support.tiny_model(
-        root,
-        args.model,
-        delay_ms_per_call=DELAY_MS_PER_CALL,
-        delay_ms_per_image=DELAY_MS_PER_IMAGE,
-        sample_stride=SAMPLE_STRIDE,
-    )
-    per_call, per_image = support.simulated_delays(model_dir)
+    model_dir, config, (per_call, per_image) = support.simulated_daemon(root, args)
     # The burst is staged under a hidden folder of the inbox, which the daemon ignores, then
     # renamed into place the way rsync and browsers finish a download. The idle drops come
     # from a sibling folder outside the inbox (`mv staging/x.jpg inbox/`): a rename too, so
@@ -115,15 +96,6 @@ def run(root: Path, args: argparse.Namespace, size: tuple[int, int]) -> dict:
     photo_bytes = round(statistics.mean(p.stat().st_size for p in photos))
     singles = support.write_photos(root / "staging", args.drops, size, seed=100, prefix="single")
 
-    config = support.daemon_config(
-        root,
-        model_dir,
-        batch={"size": args.batch, "max_wait_ms": args.max_wait_ms},
-        model={"input_size": args.input_size},
-        pipeline={"workers": args.workers, "max_in_flight": args.max_in_flight},
-        # Files arrive by rename, which is ready at once; the rescan only matters for losses.
-        watch={"settle_seconds": 1.0, "rescan_seconds": 30.0},
-    )
     daemon_result, idle_result = run_daemon(root, config, photos, singles, args.max_wait_ms, (per_call, per_image))
     if args.skip_loop:
         loop_result = None
