@@ -239,7 +239,12 @@ def remove_file(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         return  # already gone: a repeat after a crash
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        # The emptied folder was removed right after (release_dirs, for another file of the
+        # same folder): the removal cannot be undone by a crash any more, nothing to sync.
+        return
 
 
 def walk_files(top: Path, skip: Callable[[os.DirEntry], bool] = lambda entry: False) -> Iterator[os.DirEntry]:

@@ -88,3 +88,24 @@ def test_move_symlink_keeps_target_untouched(tmp_path):
     assert final.is_symlink()
     assert os.readlink(final) == str(target)
     assert target.read_bytes() == b"precious"
+
+
+def test_regression_remove_file_when_its_emptied_folder_is_removed_at_once(tmp_path, monkeypatch):
+    # Seen as a file retried forever: release_dirs (another file of the same work folder)
+    # removed the folder between the unlink and its fsync, and the delivery was judged failed.
+    from rmbgd import fsops
+
+    folder = tmp_path / "work" / "crop"
+    folder.mkdir(parents=True)
+    victim = folder / "empty.png"
+    victim.write_bytes(b"x")
+    real_fsync_dir = fsops.fsync_dir
+
+    def fsync_dir_after_rmdir(path):
+        if path == folder:
+            folder.rmdir()
+        return real_fsync_dir(path)
+
+    monkeypatch.setattr(fsops, "fsync_dir", fsync_dir_after_rmdir)
+    fsops.remove_file(victim)
+    assert not folder.exists()
