@@ -1,4 +1,4 @@
-"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `--version`.
+"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `rmbgd doctor`, `--version`.
 
 User errors (a bad config, a model that cannot be loaded) end in one readable line and a
 non-zero exit, never a traceback; only a bug in rmbgd itself shows one.
@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", metavar="DIR", help="read this state folder instead of the config's")
     status.add_argument("--json", action="store_true", help="print the status documents as JSON")
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this installation: packages, device, model, folders, a pipeline run",
+        description="Check that this machine is ready, without touching anything of yours: the Python "
+        "packages the model needs, torch and the device (and why CUDA is not used, if it is not), the "
+        "model (a local folder or the Hugging Face cache; nothing is downloaded), the folders and "
+        "inotify limits (with --config), and a run of the whole pipeline on generated images with a "
+        "built-in stand-in model in a temporary folder, with its images/s. One line per check; exit 0 "
+        "when everything needed is in place, 1 otherwise. Without --config the defaults are checked.",
+    )
+    _config_option(doctor, required=False)
+
     process = commands.add_parser(
         "process",
         help="remove the background of some files or folders once, then exit",
@@ -114,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _status(args.config, args.state_dir, args.json)
     if args.command == "process":
         return _process(args)
+    if args.command == "doctor":
+        from rmbgd import doctor
+
+        return doctor.main(args.config)
     return _run(args.config)
 
 
