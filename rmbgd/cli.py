@@ -134,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _check(path: str) -> int:
+    from pathlib import Path
+
     from rmbgd.config import ConfigError, check_folders, load_config
 
     try:
@@ -149,6 +151,15 @@ def _check(path: str) -> int:
         sys.stderr.write(f"{problem}\n")
     if problems:
         return EXIT_USAGE
+    from rmbgd.config import commented_out_colours
+
+    # Read again: load_config already read it, so it is UTF-8 text of a sane size.
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # replaced since it was loaded: the warnings are only a courtesy
+    for warning in commented_out_colours(text):
+        sys.stderr.write(f"warning: {warning}\n")
     sys.stdout.write(f"{path}: ok\n")
     return 0
 
@@ -264,12 +275,24 @@ def _process(args: argparse.Namespace) -> int:
         return runner.run()
     except StartupError as exc:
         report.close()
-        _startup_failed(log, str(exc))
+        oneshot.remove_created(work)
+        _startup_failed(log, _without_config(str(exc)) if args.config is None else str(exc))
         return 1
     except Exception:  # the CLI boundary: a bug in rmbgd, logged with its traceback
         report.close()
         log.critical("crashed", exc_info=True)
         return 1
+
+
+def _without_config(error: str) -> str:
+    # `process` without --config has no model.name to set: the model comes from --model.
+    if not error.startswith("model.name: "):
+        return error
+    error = "--model: " + error[len("model.name: ") :]
+    at = error.find("set model.name to that local directory")
+    if at >= 0:
+        return error[:at] + "give that folder with --model DIR"
+    return error + "; without --config, give a local model folder with --model DIR"
 
 
 def _startup_failed(log, error: str, more: Optional[List[str]] = None) -> None:
