@@ -370,7 +370,7 @@ def check_folders(cfg: Any) -> List[Result]:
             )
         ]
     missing = [f"{key} ({path})" for key, path in _folder_items(cfg) if not path.exists()]
-    text = "exist, are writable, do not overlap; inbox and its work area on one filesystem"
+    text = "writable, none inside another; the inbox and its work area on one filesystem"
     if missing:
         return [Result(OK, "folders", f"{text}; to be created at start: {', '.join(missing)}")]
     return [Result(OK, "folders", text)]

@@ -202,3 +202,16 @@ def test_model_code_packages_come_from_the_models_own_code(tmp_path):
     (tmp_path / "modeling.py").write_text("import torch\nfrom timm.models import x\n  import einops\n")
     cfg = types.SimpleNamespace(name=str(tmp_path), revision=None)
     assert doctor.model_code_packages(cfg) == ("timm", "einops")
+
+
+def test_an_inbox_folder_on_another_filesystem_fails(tmp_path, monkeypatch):
+    cfg = parse_config(
+        {"paths": {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "out"),
+                   "errors": str(tmp_path / "errors"), "done": None}},
+        tmp_path,
+    )
+    mounted = tmp_path / "inbox" / "usb"
+    monkeypatch.setattr(doctor, "_inbox_folders", lambda inbox: iter([(inbox, 1), (inbox / "a", 1), (mounted, 2)]))
+    (result,) = doctor.check_folders(cfg)
+    assert result.status == "FAIL"
+    assert result.text.startswith(f"paths.inbox: {mounted} is on another filesystem than the inbox")
