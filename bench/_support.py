@@ -183,8 +183,8 @@ def daemon_config(root: Path, model_dir: Path, **sections) -> Path:
 
 def load_model(model_dir: Path, input_size: int, work: Path):
     """The segmenter exactly as the daemon loads it (device cpu), warmed up."""
-    from rmbgd.config import parse_config
-    from rmbgd.model import load_segmenter
+    from rmbgd.config.settings import parse_config
+    from rmbgd.model.segmenter import load_segmenter
 
     folders = {name: str(work / name) for name in ("inbox", "outbox", "errors", "done")}
     cfg = parse_config(

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rmbgd.config import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
-from rmbgd.job import Counters, Job
-from rmbgd.pipeline import OUT_OF_GPU_MEMORY, Pipeline
-from rmbgd.publisher import Publisher
-from rmbgd.workarea import Claim
+from rmbgd.config.settings import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
+from rmbgd.batching.job import Counters, Job
+from rmbgd.batching.pipeline import OUT_OF_GPU_MEMORY, Pipeline
+from rmbgd.output.publisher import Publisher
+from rmbgd.intake.workarea import Claim
 
 WAIT_S = 30.0
 FOREVER_MS = 60_000  # batches then go out only when full, which makes them deterministic
@@ -454,7 +454,7 @@ class ThreadRecordingSegmenter:
 
 
 def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model):
-    from rmbgd.model import load_segmenter
+    from rmbgd.model.segmenter import load_segmenter
     from tests.support.tinymodel import alpha_for_rgb
 
     real = load_segmenter(ModelConfig(name=str(tiny_model), device="cpu", input_size=64))
@@ -479,7 +479,7 @@ def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model)
 
 
 def test_the_next_batch_is_staged_while_the_model_runs_and_left_claimed_on_stop(harness, tiny_model):
-    from rmbgd.model import load_segmenter
+    from rmbgd.model.segmenter import load_segmenter
 
     class Gated(ThreadRecordingSegmenter):
         """The first model call waits for the test, so a second batch gets staged meanwhile."""

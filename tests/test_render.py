@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from rmbgd.compose import SUBJECT_THRESHOLD
-from rmbgd.config import MASK_ALSO, MASK_ONLY, OutputConfig, Padding
-from rmbgd.images import DecodedImage
-from rmbgd.render import EMPTY_MASK, RenderError, render
+from rmbgd.render.compose import SUBJECT_THRESHOLD
+from rmbgd.config.settings import MASK_ALSO, MASK_ONLY, OutputConfig, Padding
+from rmbgd.imaging.images import DecodedImage
+from rmbgd.render.render import EMPTY_MASK, RenderError, render
 
 W, H = 120, 80
 # The subject: a rectangle with a soft 6-pixel ramp on the left, at known coordinates.
@@ -212,7 +212,7 @@ def test_refine_foreground_removes_the_old_background_from_the_edge():
 def test_regression_refine_out_of_gpu_memory_does_not_fail_the_image(monkeypatch):
     # The GPU is faked: refinement on "cuda:0" raises torch's out-of-memory error.
     torch = pytest.importorskip("torch")
-    from rmbgd import refine
+    from rmbgd.model import refine
 
     real = refine._estimate
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
-from rmbgd.hub import ModelLoadError, _first_line, _log_info, locate_model, missing_packages_hint
-from rmbgd.sizing import dynamic_input_size
+from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.model.hub import ModelLoadError, _first_line, _log_info, locate_model, missing_packages_hint
+from rmbgd.imaging.sizing import dynamic_input_size
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -164,7 +164,7 @@ def _configure_cpu_threads() -> Optional[int]:
     # An operator's OMP_NUM_THREADS (read by torch at start-up) always wins.
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads()
-    from rmbgd.cpus import available_cpus  # the count config.effective_workers uses too
+    from rmbgd.config.cpus import available_cpus  # the count config.effective_workers uses too
 
     available = available_cpus()
     threads = cpu_threads(available)
@@ -219,7 +219,7 @@ class Segmenter:
         self._compiled = compiled
         self._log = log
         self._on_cuda = torch.device(device).type == "cuda"
-        # An exported graph (rmbgd.backends) that runs the model instead of torch on the CPU;
+        # An exported graph (rmbgd.model.backends) that runs the model instead of torch on the CPU;
         # the torch model stays loaded to take over if it fails its warm-up.
         self._runner = runner
         self.backend = runner.backend if runner is not None else "torch"
@@ -634,7 +634,7 @@ def _exported_backend(
     An export or runtime failure is never a reason not to start: torch runs the model and
     model_loaded says why (backend_fallback_reason).
     """
-    from rmbgd import backends
+    from rmbgd.model import backends
 
     wanted = getattr(cfg, "backend", "torch")
     backend, reason = backends.choose_backend(
@@ -670,7 +670,7 @@ def _exported_backend(
 
 def _model_folder(cfg: Any, source: str) -> tuple[str, bool]:
     """(the folder holding the model's files, whether it is the user's own folder)."""
-    from rmbgd import backends
+    from rmbgd.model import backends
 
     if os.path.isdir(source):
         return source, True

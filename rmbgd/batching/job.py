@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from rmbgd.workarea import Claim
+from rmbgd.intake.workarea import Claim
 
 
 @dataclass

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
-from rmbgd import __version__, logs
-from rmbgd.config import (
+from rmbgd import __version__
+from rmbgd.ops import logs
+from rmbgd.config.settings import (
     Config,
     ConfigError,
     effective_max_in_flight,
@@ -30,12 +31,12 @@ from rmbgd.config import (
     load_config,
     parse_config,
 )
-from rmbgd.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, shorten_name, walk_files
-from rmbgd.job import Counters, Job
-from rmbgd.names import is_ignored_name
-from rmbgd.pipeline import Pipeline, PublishError
-from rmbgd.publisher import Delivery
-from rmbgd.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
+from rmbgd.output.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, shorten_name, walk_files
+from rmbgd.batching.job import Counters, Job
+from rmbgd.intake.names import is_ignored_name
+from rmbgd.batching.pipeline import Pipeline, PublishError
+from rmbgd.output.publisher import Delivery
+from rmbgd.intake.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
 
 __all__ = [
     "EXIT_FAILED",
@@ -554,7 +555,7 @@ class Runner:
         if work.sources and not self.interrupted:
             self._report.loading(self._cfg.model.name)
             # Imported here, like the model itself: `--help` must stay quick.
-            from rmbgd.daemon import load_model_watching
+            from rmbgd.runtime.daemon import load_model_watching
 
             segmenter = load_model_watching(self._cfg, self._log, lambda: self._while_loading(started))
             if not self.interrupted:

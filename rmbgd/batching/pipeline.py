@@ -37,15 +37,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-from rmbgd import backoff
-from rmbgd.backoff import Scheduler, Verdict, write_error_verdict
-from rmbgd.collector import BatchQueue
-from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
-from rmbgd.images import ImageError, decode_image
-from rmbgd.job import Counters, Job, ms_since
-from rmbgd.publisher import FinishingFailed, Publisher
-from rmbgd.render import RenderError, render
-from rmbgd.sizing import dynamic_input_size, resize_rgb
+from rmbgd.output import backoff
+from rmbgd.output.backoff import Scheduler, Verdict, write_error_verdict
+from rmbgd.batching.collector import BatchQueue
+from rmbgd.config.settings import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
+from rmbgd.imaging.images import ImageError, decode_image
+from rmbgd.batching.job import Counters, Job, ms_since
+from rmbgd.output.publisher import FinishingFailed, Publisher
+from rmbgd.render.render import RenderError, render
+from rmbgd.imaging.sizing import dynamic_input_size, resize_rgb
 
 # The reason recorded for an image that does not fit in GPU memory even on its own.
 OUT_OF_GPU_MEMORY = "out of GPU memory"
@@ -581,7 +581,7 @@ def _yield_to_model() -> None:
 def _is_out_of_memory(exc: BaseException) -> bool:
     # Imported here: torch is loaded by then (the model raised this), and this module
     # stays importable without it.
-    from rmbgd.model import is_out_of_memory
+    from rmbgd.model.segmenter import is_out_of_memory
 
     return is_out_of_memory(exc)
 

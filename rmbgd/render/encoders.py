@@ -1,7 +1,7 @@
-"""WebP and JPEG encoders for results (PNG lives in rmbgd.images, written by hand for speed).
+"""WebP and JPEG encoders for results (PNG lives in rmbgd.imaging.images, written by hand for speed).
 
 Pillow + numpy only, never torch. Both take the same pixel arrays as
-:func:`rmbgd.images.encode_png` and embed the input's ICC profile and EXIF when given.
+:func:`rmbgd.imaging.images.encode_png` and embed the input's ICC profile and EXIF when given.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 from PIL import Image
 
-from rmbgd.images import _EXIF_PREFIX, _checked_pixels, _rgba_rows, _tiff_exif
+from rmbgd.imaging.images import _EXIF_PREFIX, _checked_pixels, _rgba_rows, _tiff_exif
 
 __all__ = ["encode_jpeg", "encode_webp"]
 

@@ -72,10 +72,10 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from rmbgd import logs
-from rmbgd.hub import _first_line
-from rmbgd.images import check_uint8
-from rmbgd.model import is_out_of_memory
+from rmbgd.ops import logs
+from rmbgd.model.hub import _first_line
+from rmbgd.imaging.images import check_uint8
+from rmbgd.model.segmenter import is_out_of_memory
 
 __all__ = ["estimate_foreground"]
 

@@ -630,7 +630,7 @@ def _one_line(exc: BaseException) -> str:
 def _checked_pixels(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """``rgb`` (h, w, 3) and ``alpha`` (h, w) or None as C-contiguous uint8, or ValueError.
 
-    Shared with rmbgd.encoders so every output format accepts and refuses the same input.
+    Shared with rmbgd.render.encoders so every output format accepts and refuses the same input.
     """
     rgb = _require_uint8(rgb, "rgb", ndim=3)
     if rgb.shape[2] != 3:

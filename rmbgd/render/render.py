@@ -13,10 +13,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from rmbgd.compose import fit_within, over_background, subject_box
-from rmbgd.config import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
-from rmbgd.encoders import encode_jpeg, encode_webp
-from rmbgd.images import DecodedImage, combine_alpha, encode_grey_png, encode_png
+from rmbgd.render.compose import fit_within, over_background, subject_box
+from rmbgd.config.settings import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
+from rmbgd.render.encoders import encode_jpeg, encode_webp
+from rmbgd.imaging.images import DecodedImage, combine_alpha, encode_grey_png, encode_png
 
 __all__ = ["OutputFile", "RenderError", "render"]
 
@@ -70,7 +70,7 @@ def render(
 
 def _refined(rgb: np.ndarray, alpha: np.ndarray, device: str) -> np.ndarray:
     # Imported on first use: it needs torch, which only the model side has loaded.
-    from rmbgd.refine import estimate_foreground
+    from rmbgd.model.refine import estimate_foreground
 
     return estimate_foreground(np.ascontiguousarray(rgb), np.ascontiguousarray(alpha), device=device)
 
