@@ -14,7 +14,7 @@ import pytest
 from rmbgd.config.settings import PathsConfig
 from rmbgd.output.fsops import TEMP_SUFFIX, remove_orphan_temps
 from rmbgd.output.publisher import Publisher
-from rmbgd.render.render import OutputFile
+from rmbgd.output.files import OutputFile
 from rmbgd.intake.workarea import WorkArea
 
 # Each entry: (name, python statements that arm the crash inside the child process).
@@ -41,7 +41,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from rmbgd.output import fsops, publisher
     from rmbgd.config.settings import PathsConfig
-    from rmbgd.render.render import OutputFile
+    from rmbgd.output.files import OutputFile
     from rmbgd.intake.workarea import WorkArea
 
     def die():

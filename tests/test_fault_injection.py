@@ -410,7 +410,7 @@ def test_regression_temps_removed_before_linking_are_retried_not_an_assertion(tm
     retries, and the next attempt publishes normally."""
     from rmbgd.config.settings import PathsConfig
     from rmbgd.output.publisher import Publisher
-    from rmbgd.render.render import OutputFile
+    from rmbgd.output.files import OutputFile
     from rmbgd.intake.workarea import WorkArea
 
     paths = PathsConfig(inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", errors=tmp_path / "errors",

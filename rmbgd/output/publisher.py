@@ -43,7 +43,7 @@ from rmbgd.output.fsops import (
     write_file_durably,
     write_temp,
 )
-from rmbgd.render.render import OutputFile
+from rmbgd.output.files import OutputFile
 from rmbgd.intake.workarea import Claim
 
 

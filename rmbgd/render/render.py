@@ -8,7 +8,6 @@ file is the result's own alpha, so it always lines up with the result pixel for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -17,21 +16,11 @@ from rmbgd.render.compose import fit_within, over_background, subject_box
 from rmbgd.config.settings import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
 from rmbgd.render.encoders import encode_jpeg, encode_webp
 from rmbgd.imaging.images import DecodedImage, combine_alpha, encode_grey_png, encode_png
+from rmbgd.output.files import OutputFile
 
-__all__ = ["OutputFile", "RenderError", "render"]
+__all__ = ["RenderError", "render"]
 
 EMPTY_MASK = "no subject found (the mask is empty), so there is nothing to crop to"
-
-
-@dataclass(frozen=True, eq=False)
-class OutputFile:
-    """One file to publish for an input: `suffix` replaces the input's extension."""
-
-    suffix: str
-    data: bytes
-
-    def __repr__(self) -> str:
-        return f"OutputFile({self.suffix!r}, {len(self.data)} bytes)"
 
 
 class RenderError(Exception):
