@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rmbgd.config.settings import OutputConfig, Padding  # noqa: E402
 from rmbgd.imaging.images import DecodedImage  # noqa: E402
+from rmbgd.model.refine import estimate_foreground  # noqa: E402
 from rmbgd.render.render import render  # noqa: E402
 
 OUT = Path(__file__).parent / "img"
@@ -103,7 +104,7 @@ def main() -> int:
     image = DecodedImage(rgb=photo, alpha=None, model_input=None, format="PNG")
 
     def output(**options) -> bytes:
-        return render(image, mask, dataclasses.replace(OutputConfig(), **options))[0].data
+        return render(image, mask, dataclasses.replace(OutputConfig(), **options), refine=estimate_foreground)[0].data
 
     sheet = row([
         labelled(Image.fromarray(photo), "input"),

@@ -25,6 +25,7 @@ from rmbgd.batching.job import Counters, Job
 from rmbgd.batching.pipeline import OUT_OF_GPU_MEMORY, Pipeline
 from rmbgd.output.publisher import Publisher
 from rmbgd.intake.workarea import Claim
+from rmbgd.runtime.stages import image_stages
 
 WAIT_S = 30.0
 FOREVER_MS = 60_000  # batches then go out only when full, which makes them deterministic
@@ -122,6 +123,7 @@ class Harness:
             self.counters,
             self.log,
             on_finished=on_finished or self.finished.put,
+            stages=image_stages(),
         )
         self.pipeline.start()
 

@@ -477,7 +477,7 @@ class _CountingPipeline:
 
     peak = 0
 
-    def __init__(self, cfg, segmenter, publisher, counters, log, on_finished) -> None:
+    def __init__(self, cfg, segmenter, publisher, counters, log, on_finished, stages) -> None:
         self._counters = counters
         self._on_finished = on_finished
         self._jobs: "queue.Queue" = queue.Queue()

@@ -8,7 +8,7 @@ file is the result's own alpha, so it always lines up with the result pixel for 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -31,10 +31,23 @@ class RenderError(Exception):
         self.stage = stage
 
 
+# estimate_foreground's shape: (rgb, alpha, *, device) -> refined rgb.
+Refine = Callable[..., np.ndarray]
+
+
 def render(
-    image: DecodedImage, mask: np.ndarray, out: OutputConfig, *, device: str = "cpu"
+    image: DecodedImage,
+    mask: np.ndarray,
+    out: OutputConfig,
+    *,
+    device: str = "cpu",
+    refine: Optional[Refine] = None,
 ) -> List[OutputFile]:
-    """The files `out` asks for: the result, its mask, or both (result first)."""
+    """The files `out` asks for: the result, its mask, or both (result first).
+
+    `refine` (rmbgd.model.refine.estimate_foreground) is handed in by whoever runs the model:
+    it needs torch, which this layer never imports. Only `output.refine_foreground` needs it.
+    """
     alpha = combine_alpha(mask, image.alpha)
     rgb = image.rgb
     if out.crop:
@@ -48,7 +61,7 @@ def render(
     files = []
     if out.mask != MASK_ONLY:
         if out.refine_foreground:
-            rgb = _refined(rgb, alpha, device)
+            rgb = _refined(rgb, alpha, device, refine)
         exif = image.exif if out.keep_exif else None
         data = _encode(rgb, alpha, out, image.icc_profile, exif)
         files.append(OutputFile(FORMAT_SUFFIXES[out.format], data))
@@ -57,11 +70,10 @@ def render(
     return files
 
 
-def _refined(rgb: np.ndarray, alpha: np.ndarray, device: str) -> np.ndarray:
-    # Imported on first use: it needs torch, which only the model side has loaded.
-    from rmbgd.model.refine import estimate_foreground
-
-    return estimate_foreground(np.ascontiguousarray(rgb), np.ascontiguousarray(alpha), device=device)
+def _refined(rgb: np.ndarray, alpha: np.ndarray, device: str, refine: Optional[Refine]) -> np.ndarray:
+    if refine is None:
+        raise TypeError("render: output.refine_foreground is on but no refine function was given")
+    return refine(np.ascontiguousarray(rgb), np.ascontiguousarray(alpha), device=device)
 
 
 def _encode(

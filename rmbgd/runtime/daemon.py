@@ -42,6 +42,7 @@ from rmbgd.output.publisher import Publisher
 from rmbgd.ops.metrics import MetricsUnavailable
 from rmbgd.intake.readiness import Readiness, Seen
 from rmbgd.ops.service import Service
+from rmbgd.runtime.stages import image_stages
 from rmbgd.intake.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
 from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked, special_file_reason
 
@@ -203,6 +204,7 @@ class Daemon:
             on_finished=self._job_finished,
             on_batch=self._service.batch_done,
             retry_delay=self.retry_delay,
+            stages=image_stages(),
         )
         self._pipeline.start()
         self._recover()

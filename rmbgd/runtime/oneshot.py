@@ -37,6 +37,7 @@ from rmbgd.intake.names import is_ignored_name
 from rmbgd.batching.pipeline import Pipeline, PublishError
 from rmbgd.output.publisher import Delivery
 from rmbgd.intake.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
+from rmbgd.runtime.stages import image_stages
 
 __all__ = [
     "EXIT_FAILED",
@@ -589,7 +590,8 @@ class Runner:
 
     def _process_as(self, segmenter: Any, owner: str) -> bool:
         publisher = OneShotPublisher(self._plan.out, self._plan.done, owner)
-        pipeline = Pipeline(self._cfg, segmenter, publisher, self._counters, self._log, on_finished=self._finished)
+        pipeline = Pipeline(self._cfg, segmenter, publisher, self._counters, self._log, on_finished=self._finished,
+                            stages=image_stages())
         pipeline.start()
         self._log.info(
             "ready",
