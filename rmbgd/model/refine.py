@@ -69,10 +69,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 import torch
 import torch.nn.functional as nnf
 
-from rmbgd.ops import logs
 from rmbgd.model.hub import _first_line
 from rmbgd.imaging.images import check_uint8
 from rmbgd.model.segmenter import is_out_of_memory
@@ -131,7 +131,9 @@ def estimate_foreground(rgb: np.ndarray, alpha: np.ndarray, *, device: str = "cp
         # Hand what the failed attempt cached back to the model before going on.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    logs.get_logger().warning(
+    # structlog directly, under rmbgd's logger name (what ops.logs.get_logger() returns): the
+    # model layer does not import ops.
+    structlog.get_logger("rmbgd").warning(
         "refine_on_cpu",
         device=device,
         error=error,
