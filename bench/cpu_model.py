@@ -150,7 +150,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
     import torch
 
     from rmbgd.model import backends
-    from rmbgd.model.segmenter import Segmenter, _cpu_has_bfloat16, _final_logits
+    from rmbgd.model.segmenter import Segmenter, _cpu_has_bfloat16, final_logits
 
     seg = Segmenter(model, name="birefnet_lite", device="cpu", dtype="float32", input_size=side)
     variants = {}
@@ -168,7 +168,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 
                 def run(x, cl=cl):
                     with torch.inference_mode():
-                        return _final_logits(cl(x.contiguous(memory_format=torch.channels_last)), 1).float().numpy()
+                        return final_logits(cl(x.contiguous(memory_format=torch.channels_last)), 1).float().numpy()
 
                 variants[name] = (run, None)
             elif name == "compile":
@@ -176,7 +176,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 
                 def run(x, compiled=compiled):
                     with torch.inference_mode():
-                        return _final_logits(compiled(x), 1).float().numpy()
+                        return final_logits(compiled(x), 1).float().numpy()
 
                 variants[name] = (run, None)
             elif name == "bf16":
@@ -186,7 +186,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 
                 def run(x):
                     with torch.inference_mode(), deform_conv_in_float32(model), torch.autocast("cpu", dtype=torch.bfloat16):
-                        return _final_logits(model(x), 1).float().numpy()
+                        return final_logits(model(x), 1).float().numpy()
 
                 variants[name] = (run, None)
             elif name in ("onnxruntime", "openvino", "openvino_bf16"):

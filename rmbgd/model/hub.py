@@ -147,12 +147,12 @@ def probe_hub(name: str, revision: Optional[str]) -> Optional[str]:
         ) from exc
     except errors.HfHubHTTPError as exc:
         # Server errors, rate limits, a proxy refusing: the cache may still do.
-        return _first_line(exc)
+        return first_line(exc)
     except Exception as exc:  # noqa: BLE001
         # DNS, refused connections, TLS and timeouts surface as the HTTP
         # client's own exception types, which huggingface_hub does not
         # re-export; any of them means "the hub is out of reach".
-        return f"{type(exc).__name__}: {_first_line(exc)}"
+        return f"{type(exc).__name__}: {first_line(exc)}"
     return None
 
 
@@ -167,7 +167,7 @@ def _hub_needs_cache(cfg: Any, log: Any) -> bool:
         unreachable = probe_hub(name, revision)
         if unreachable is None:
             return False
-        _log_info(log, "model_hub_unreachable", name=name, error=unreachable)
+        log_info(log, "model_hub_unreachable", name=name, error=unreachable)
 
     cached = huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision)
     if isinstance(cached, str):
@@ -227,7 +227,7 @@ def fetch_model(cfg: Any, to: Optional[Path] = None) -> Path:
         # The model-loading boundary for downloads: network drops, full disks and
         # permission problems all end as one line for the operator.
         raise ModelLoadError(
-            f"model.name: downloading '{name}' failed: {type(exc).__name__}: {_first_line(exc)}"
+            f"model.name: downloading '{name}' failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     return Path(folder)
 
@@ -248,7 +248,7 @@ def _cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _log_info(log: Any, event: str, **fields: Any) -> None:
+def log_info(log: Any, event: str, **fields: Any) -> None:
     # Info, not warning: when the cache cannot stand in, the ModelLoadError says
     # it all, and an unconfigured root logger prints warnings to stderr.
     if log is not None:
@@ -257,7 +257,7 @@ def _log_info(log: Any, event: str, **fields: Any) -> None:
         _stdlib_log.info("%s %s", event, fields)
 
 
-def _first_line(value: object) -> str:
+def first_line(value: object) -> str:
     lines = str(value).strip().splitlines()
     return lines[0].strip() if lines else "(no message)"
 

@@ -73,7 +73,7 @@ import structlog
 import torch
 import torch.nn.functional as nnf
 
-from rmbgd.model.hub import _first_line
+from rmbgd.model.hub import first_line
 from rmbgd.imaging.images import check_uint8
 from rmbgd.model.segmenter import is_out_of_memory
 
@@ -127,7 +127,7 @@ def estimate_foreground(rgb: np.ndarray, alpha: np.ndarray, *, device: str = "cp
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
-            error = f"{type(exc).__name__}: {_first_line(exc)}"
+            error = f"{type(exc).__name__}: {first_line(exc)}"
         # Hand what the failed attempt cached back to the model before going on.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
