@@ -181,16 +181,14 @@ def daemon_config(root: Path, model_dir: Path, **sections) -> Path:
     return write_config(root / "config.yaml", data)
 
 
-def load_model(model_dir: Path, input_size: int, work: Path):
-    """The segmenter exactly as the daemon loads it (device cpu), warmed up."""
+def load_model(model_dir: Path, input_size: int, work: Path, device: str = "cpu", dtype: str = "auto"):
+    """The segmenter exactly as the daemon loads it (on `device`, in `dtype`), warmed up."""
     from rmbgd.config.settings import parse_config
     from rmbgd.model.segmenter import load_segmenter
 
     folders = {name: str(work / name) for name in ("inbox", "outbox", "errors", "done")}
-    cfg = parse_config(
-        {"paths": folders, "model": {"name": str(model_dir), "device": "cpu", "input_size": input_size}},
-        work,
-    )
+    model = {"name": str(model_dir), "device": device, "dtype": dtype, "input_size": input_size}
+    cfg = parse_config({"paths": folders, "model": model}, work)
     segmenter = load_segmenter(cfg.model)
     segmenter.warmup()
     return segmenter, cfg

@@ -8,12 +8,17 @@ run side by side, since most of their time is starting Python, torch and a daemo
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.daemon import REPO, subprocess_env
+from tests.support.tinymodel import BIREFNET_LITE_CODE
 
 # Each bench's JSON line, field by field (README "Benchmarks", bench/*.py): a field missing,
 # of the wrong type or out of its range fails the smoke run, not only a zero figure.
@@ -93,6 +98,18 @@ CPU_PATH_SIZE = {
 
 PIPELINE_STAGES = {name: optional(non_negative) for name in ("decode_ms", "wait_ms", "infer_ms", "encode_ms", "write_ms")}
 
+PIPELINE_DAEMON = {
+    "wall_s": positive, "images_per_s": positive, "model_busy": busy_share,
+    "cpu_ms_per_image": non_negative, "batches": positive_count, "mean_batch": positive,
+    "first_done_s": non_negative, "median_ms": PIPELINE_STAGES, "output_bytes_mean": positive,
+    "batch_histogram": histogram,
+}
+
+PIPELINE_IDLE_DROP = {
+    "drops": positive_count, "p50_ms": positive, "p95_ms": positive, "max_ms": positive,
+    "model_ms": non_negative, "bound_ms": positive,
+}
+
 REFINE_CASE = {
     "size": image_size, "repeats": positive_count, "cpu_ms": positive, "wall_ms": positive,
     "partial_fraction": fraction, "error_before": non_negative, "error_after": non_negative,
@@ -106,18 +123,10 @@ FIELDS = {
         "photo_bytes_mean": positive, "input_size": positive_count, "batch_size": positive_count,
         "max_wait_ms": count, "workers": count, "max_in_flight": count,
         "simulated_ms_per_image": non_negative, "simulated_ms_per_call": non_negative,
-        "daemon": {
-            "wall_s": positive, "images_per_s": positive, "model_busy": busy_share, "sleep_busy": busy_share,
-            "cpu_ms_per_image": non_negative, "batches": positive_count, "mean_batch": positive,
-            "first_done_s": non_negative, "median_ms": PIPELINE_STAGES, "output_bytes_mean": positive,
-            "batch_histogram": histogram,
-        },
+        "daemon": {**PIPELINE_DAEMON, "sleep_busy": busy_share},
         "loop": {"wall_s": positive, "images_per_s": positive, "cpu_ms_per_image": non_negative, "output_bytes_mean": positive},
         "speedup": positive,
-        "idle_drop": {
-            "drops": positive_count, "p50_ms": positive, "p95_ms": positive, "max_ms": positive,
-            "model_ms": non_negative, "bound_ms": positive,
-        },
+        "idle_drop": PIPELINE_IDLE_DROP,
     },
     "burst": {
         "bench": text, "machine": MACHINE, "files": positive_count, "side": positive_count,
@@ -203,3 +212,76 @@ def test_bench_scripts_run(tiny_model, tmp_path):
         assert summary, f"{name}: no human summary after the JSON line"
         assert field_problems(result, FIELDS[name], name) == [], first
         assert CHECKS[name](result), f"{name}: {first}"
+
+
+# pipeline.py --real: the real model's figures, model-only against end to end.
+MODEL_ONLY_TIMING = {"calls": positive_count, "median_ms": positive, "min_ms": positive, "images_per_s": positive}
+GPU = {"name": text, "memory_gib": positive, "capability": text, "cuda": text, "cudnn": optional(positive_count)}
+PIPELINE_REAL = {
+    "bench": text, "real": text, "device": text,
+    "machine": {**MACHINE, "torch": text, "transformers": text,
+                "gpu": lambda value: value is None or field_problems(value, GPU, "gpu") == []},
+    "photos": positive_count, "photo_size": image_size, "photo_bytes_mean": positive,
+    "input_size": positive_count, "batch_size": positive_count, "max_wait_ms": count, "workers": count,
+    "max_in_flight": count,
+    "model_only": {"forward": MODEL_ONLY_TIMING, "model_call": MODEL_ONLY_TIMING, "dtype": text, "precision": text},
+    "daemon": PIPELINE_DAEMON, "idle_drop": PIPELINE_IDLE_DROP,
+    "end_to_end_vs_model_only": positive, "end_to_end_vs_model_call": positive, "goal": fraction, "goal_met": flag,
+}
+
+
+def test_bench_pipeline_runs_the_real_birefnet_lite_on_the_cpu(tmp_path):
+    if not BIREFNET_LITE_CODE.is_dir():
+        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
+    for package in ("timm", "kornia", "einops"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (the birefnet extra)")
+    # Its own model cache: the run builds the random-weight folder as a first run on a GPU does.
+    command = [sys.executable, str(REPO / "bench" / "pipeline.py"), "--real", "lite", "--device", "cpu",
+               "--quick", "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path / "hf"), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, *summary = proc.stdout.splitlines()
+    result = json.loads(first)
+    assert field_problems(result, PIPELINE_REAL, "pipeline --real") == [], first
+    assert summary and summary[0].startswith("pipeline --real lite:"), proc.stdout
+    assert (result["real"], result["device"], result["machine"]["gpu"]) == ("lite", "cpu", None)
+    assert (result["photos"], result["batch_size"], result["idle_drop"]["drops"]) == (2, 2, 1)
+    assert sum(int(size) * calls for size, calls in result["daemon"]["batch_histogram"].items()) == 2
+    assert (result["model_only"]["dtype"], result["model_only"]["precision"]) == ("float32", "weights")
+    assert result["goal_met"] == (result["end_to_end_vs_model_only"] >= result["goal"])
+
+
+def _fake_shared_models(root):
+    # Where the model code is looked for; the refusals only ask whether it is there.
+    (root / BIREFNET_LITE_CODE.name).mkdir(parents=True)
+    return root
+
+
+# case: (arguments, environment changes, the start of the one line expected on stderr)
+REAL_REFUSALS = {
+    "no cuda": (["--real", "full", "--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""},
+                "pipeline: --device cuda, but this torch ("),
+    "no model code": (["--real", "lite", "--device", "cpu"], {},
+                      "pipeline: --real lite needs the BiRefNet model code at "),
+    "no packages": (["--real", "lite", "--device", "cpu"], {},
+                    "pipeline: --real lite needs timm, kornia, einops: pip install 'rmbgd[birefnet]'"),
+}
+
+
+@pytest.mark.parametrize("case", REAL_REFUSALS)
+def test_bench_pipeline_real_refuses_in_one_line(tmp_path, case):
+    argv, env_change, expected = REAL_REFUSALS[case]
+    env = subprocess_env(tmp_path / "hf")
+    env.update(env_change)
+    env["RMBGD_SHARED_MODELS"] = str(tmp_path / "nowhere" if case == "no model code" else _fake_shared_models(tmp_path / "models"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), str(REPO), env.get("PYTHONPATH")]))
+    # The packages hidden whether or not this machine has them, so every case runs everywhere.
+    hide = ["-m", "tests.support.hidepkgs", "timm,kornia,einops", "--"] if case == "no packages" else []
+    command = [sys.executable, *hide, "-m", "pipeline", *argv]
+    proc = subprocess.run(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(expected), line

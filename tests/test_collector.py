@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from rmbgd.batching.collector import BatchQueue, Collector
+from rmbgd.batching.collector import BatchQueue, CallCost, Collector
 
 
 def test_full_batch_released_at_once():
@@ -245,11 +245,13 @@ def test_queue_wakes_consumer_when_one_size_fills():
     assert got == [["l1", "l2"]]
 
 
-def _model_worker(collector, arrivals, call_seconds):
+def _model_worker(collector, arrivals, call_seconds, learn=False, busy=None):
     """A model that asks for the next batch whenever it is free, with a fake clock; items
-    enter the collector at their `arrivals` times (when decoded). Returns batch sizes."""
+    enter the collector at their `arrivals` times (when decoded). Returns batch sizes.
+    `learn`: the collector is told each call's cost, as the pipeline does. `busy`: a list
+    that receives (seconds the model ran, seconds from the first arrival to the end)."""
     arrivals = sorted(arrivals)
-    now, taken, sizes = 0.0, 0, []
+    now, taken, sizes, ran = 0.0, 0, [], 0.0
     while taken < len(arrivals) or len(collector):
         while taken < len(arrivals) and arrivals[taken] <= now:
             collector.add(taken, ready_at=arrivals[taken])
@@ -257,10 +259,16 @@ def _model_worker(collector, arrivals, call_seconds):
         batch = collector.take(now)
         if batch:
             sizes.append(len(batch))
-            now += call_seconds(len(batch))
+            cost = call_seconds(len(batch))
+            now += cost
+            ran += cost
+            if learn:
+                collector.observe(None, len(batch), cost)
             continue
         upcoming = [t for t in (collector.due_at(), arrivals[taken] if taken < len(arrivals) else None) if t is not None]
         now = max(now, min(upcoming))
+    if busy is not None:
+        busy.append((ran, now - arrivals[0]))
     return sizes
 
 
@@ -312,3 +320,140 @@ def test_queue_holds_a_due_partial_batch_until_the_model_is_free():
     consumer.join(30)
     assert not consumer.is_alive()
     assert got == [["a", "b"]]
+
+
+# -- how long a free model waits for company: the cost of a call, learnt -----------------------
+
+
+def test_call_cost_knows_nothing_before_a_call():
+    assert CallCost().fixed() is None
+
+
+def test_call_cost_from_one_size_is_that_whole_call():
+    # All that one size tells is that the fixed part is no larger than the whole call.
+    cost = CallCost()
+    cost.observe(8, 0.325)
+    assert cost.fixed() == pytest.approx(0.325)
+
+
+def test_call_cost_separates_fixed_and_per_image_parts():
+    cost = CallCost()
+    cost.observe(1, 0.045)
+    cost.observe(8, 0.325)
+    assert cost.fixed() == pytest.approx(0.005)
+    cost.observe(3, 0.125)  # sizes in between do not change the line through the ends
+    assert cost.fixed() == pytest.approx(0.005)
+
+
+def test_call_cost_is_never_negative_nor_above_the_smallest_call():
+    cost = CallCost()
+    cost.observe(1, 0.010)
+    cost.observe(2, 0.100)  # noisy: the line would cross zero well below size 1
+    assert cost.fixed() == 0.0
+    cost = CallCost()
+    cost.observe(1, 0.100)
+    cost.observe(4, 0.050)  # bigger batches faster than one image: all of it is fixed
+    assert cost.fixed() == pytest.approx(0.100)
+
+
+def test_one_slow_call_does_not_swing_the_cost():
+    cost = CallCost()
+    cost.observe(1, 0.045)
+    cost.observe(8, 0.325)
+    cost.observe(8, 3.0)  # another process took the GPU for a moment
+    assert cost.fixed() == pytest.approx(0.0)  # clamped, not thrown to seconds
+    for _ in range(20):
+        cost.observe(8, 0.325)
+    assert cost.fixed() == pytest.approx(0.005, abs=0.001)
+
+
+def test_call_cost_ignores_nonsense():
+    cost = CallCost()
+    cost.observe(0, 1.0)
+    cost.observe(2, float("nan"))
+    cost.observe(3, -1.0)
+    assert cost.fixed() is None
+
+
+def test_free_model_waits_no_longer_than_a_calls_fixed_cost():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.observe((1024, 1024), 1, 0.045)
+    c.observe((1024, 1024), 8, 0.325)
+    c.add("a", ready_at=5.0, key=(1024, 1024))
+    assert c.due_at() == pytest.approx(5.005)
+    assert c.take(5.004) is None
+    assert c.take(5.005) == ["a"]
+
+
+def test_call_cost_is_learnt_per_input_size():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.observe("small", 1, 0.010)
+    c.observe("small", 2, 0.015)  # 5 ms fixed
+    c.add("big", ready_at=5.0, key="large")
+    c.add("s", ready_at=5.0, key="small")
+    assert c.take(5.006) == ["s"]
+    assert c.take(5.1) is None  # nothing known of this size: max_wait
+    assert c.take(5.2) == ["big"]
+
+
+def test_a_costly_call_still_waits_max_wait_at_most():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.observe(None, 1, 0.5)
+    c.observe(None, 8, 0.6)  # mostly fixed cost: batching pays, so wait the whole window
+    c.add("a", ready_at=5.0)
+    assert c.due_at() == pytest.approx(5.2)
+
+
+def test_learnt_cost_does_not_release_partial_batches_while_the_model_is_busy():
+    c = Collector(size=3, max_wait_seconds=0.2)
+    c.observe(None, 1, 0.045)
+    c.observe(None, 3, 0.125)
+    c.add("a", ready_at=1.0)
+    assert c.take(5.0, full_only=True) is None
+    assert c.take(5.0) == ["a"]
+
+
+def test_queue_uses_the_learnt_cost():
+    clock = ManualClock(10.0)
+    q = BatchQueue(size=4, max_wait_seconds=60.0, clock=clock)
+    q.observe(None, 1, 0.045)
+    q.observe(None, 4, 0.165)  # 5 ms fixed
+    q.put("a")
+    assert q.get(timeout=0) is None
+    clock.t = 10.005
+    assert q.get(timeout=0) == ["a"]
+
+
+def test_decode_bound_burst_keeps_the_model_busier_once_the_cost_is_known():
+    # 96 photos decoded one every 42 ms (two cores just keeping up with the model), on a
+    # simulated GPU of 5 ms per call + 40 ms per image: waiting max_wait for a full batch at
+    # the start leaves the model idle; learning that a call's fixed cost is 5 ms does not.
+    def call(n):
+        return 0.005 + 0.040 * n
+
+    arrivals = [0.05 + i * 0.042 for i in range(96)]
+    waited, learnt = [], []
+    plain = _model_worker(Collector(size=8, max_wait_seconds=0.2), arrivals, call, busy=waited)
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.observe(None, 1, call(1))
+    c.observe(None, 2, call(2))  # what the warm-up measures
+    sizes = _model_worker(c, arrivals, call, learn=True, busy=learnt)
+    assert sum(plain) == sum(sizes) == 96
+    (ran_plain, wall_plain), (ran_learnt, wall_learnt) = waited[0], learnt[0]
+    assert sizes[0] == 1  # the first image starts at once
+    assert wall_learnt < wall_plain
+    assert ran_learnt / wall_learnt > ran_plain / wall_plain
+
+
+def test_small_file_burst_still_fills_whole_batches_with_a_learnt_cost():
+    # The model is slower than decoding: after the first call, every batch is full.
+    def call(n):
+        return 0.005 + 0.040 * n
+
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.observe(None, 1, call(1))
+    c.observe(None, 2, call(2))
+    sizes = _model_worker(c, [i * 0.003 for i in range(300)], call, learn=True)
+    assert sum(sizes) == 300
+    assert sizes[0] <= 2  # what arrived within the 5 ms a call costs on top of its images
+    assert sizes[1:-1] == [8] * (len(sizes) - 2)

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rmbgd.model.segmenter as model_module
 from rmbgd.model.segmenter import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -271,13 +272,38 @@ def test_warmup(tiny_dir, monkeypatch):
     monkeypatch.setattr(Segmenter, "warmup", observed_warmup)
     log = RecordingLog()
     warm = load_model(types.SimpleNamespace(model=ModelConfig(name=str(tiny_dir))), log)
-    assert ran == [((1, 3, SIDE, SIDE), torch.float32)]
+    # The warm-up call, then one call of one image and one of two, timed for the batcher.
+    assert ran == [((1, 3, SIDE, SIDE), torch.float32), ((1, 3, SIDE, SIDE), torch.float32), ((2, 3, SIDE, SIDE), torch.float32)]
+    assert [(key, size) for key, size, _ in warm.call_timings] == [((SIDE, SIDE), 1), ((SIDE, SIDE), 2)]
     assert (warm.precision, warm.loader, warm.dtype, warm.device) == ("weights", "from_pretrained", "float32", "cpu")
     assert log.names() == ["model_loading", "model_loaded", "model_warm"]
     fields = dict(log.events)
     assert fields["model_loaded"]["loader"] == "from_pretrained"
     assert fields["model_loaded"]["dtype"] == "float32"
     assert isinstance(fields["model_warm"]["ms"], float) and fields["model_warm"]["ms"] >= 0
+    assert fields["model_warm"]["call_ms"] > 0
+    assert 0 <= fields["model_warm"]["fixed_ms"] <= fields["model_warm"]["call_ms"]
+
+
+def test_warmup_of_a_slow_model_times_no_extra_calls(monkeypatch):
+    # A CPU model taking seconds per image: two more calls would delay the start by seconds.
+    monkeypatch.setattr(model_module, "QUICK_CALL_SECONDS", 0.0)
+    fake = FakeModel()
+    segmenter = Segmenter(fake, name="fake", device="cpu", dtype="float32", input_size=8)
+    segmenter.warmup()
+    assert len(fake.inputs) == 1
+    ((key, size, seconds),) = segmenter.call_timings
+    assert (key, size) == ((8, 8), 1) and seconds > 0
+
+
+def test_warmup_timing_that_fails_keeps_the_warm_up_time():
+    # The warm-up worked; a failing timing call (a batch of two out of GPU memory) is not a
+    # reason to refuse the start, and the batcher keeps the warm-up call's time.
+    fake = FakeModel()
+    fake.fail_batches_of = 2
+    segmenter = Segmenter(fake, name="fake", device="cpu", dtype="float32", input_size=8)
+    segmenter.warmup()
+    assert [(key, size) for key, size, _ in segmenter.call_timings] == [((8, 8), 1)]
 
 
 def test_loading_prints_nothing(tmp_path, capfd, caplog):
@@ -303,9 +329,12 @@ class FakeModel:
         self.final_logit = final_logit
         self.inputs: list[torch.Tensor] = []
         self.inference_mode: list[bool] = []
+        self.fail_batches_of: int | None = None
 
     def __call__(self, pixels: torch.Tensor):
         self.inputs.append(pixels.clone())
+        if len(pixels) == self.fail_batches_of:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.inference_mode.append(torch.is_inference_mode_enabled())
         batch, _, height, width = pixels.shape
         final = torch.full((batch, 1, height, width), self.final_logit, dtype=pixels.dtype)
@@ -336,8 +365,9 @@ def test_predict_normalises_in_the_segmenter_dtype(dtype):
 def test_warmup_runs_one_zero_image():
     fake = FakeModel()
     Segmenter(fake, name="fake", device="cpu", dtype="float32", input_size=8).warmup()
-    (pixels,) = fake.inputs
+    pixels, *timed = fake.inputs  # then one call of one image and one of two, timed
     assert pixels.shape == (1, 3, 8, 8)
+    assert [t.shape[0] for t in timed] == [1, 2]
     zero = [-IMAGENET_MEAN[c] / IMAGENET_STD[c] for c in range(3)]
     assert pixels[0, :, 3, 3].tolist() == pytest.approx(zero, abs=1e-5)
 
@@ -1280,3 +1310,28 @@ def test_revision_selects_the_cached_snapshot(tmp_path, monkeypatch, empty_hub_c
     assert (at_v1.predict([red_square()], [(2, 2)])[0] == 255).all()
     assert (at_commit.predict([red_square()], [(2, 2)])[0] == 255).all()
     assert (at_main.predict([red_square()], [(2, 2)])[0] == 0).all()
+
+
+# --------------------------------------------------------------------------- input resize
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (640, 480), (2048, 1536), (33, 65)])
+def test_resize_input_matches_the_decoders_filter(segmenter, size):
+    # The pipeline resizes with the segmenter's torch kernels (faster than Pillow's on a busy
+    # CPU); the model must see what the decoder's Pillow resize gives, to within one level.
+    from rmbgd.imaging.sizing import resize_rgb
+
+    rng = np.random.default_rng(7)
+    coarse = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    rgb = np.asarray(Image.fromarray(coarse).resize((1086, 1448), Image.Resampling.BICUBIC))
+    rgb = np.clip(rgb.astype(np.int16) + rng.integers(-20, 21, rgb.shape), 0, 255).astype(np.uint8)
+    ours = segmenter.resize_input(rgb, size)
+    pillow = resize_rgb(rgb, size)
+    assert ours.shape == pillow.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+    assert ours.flags.c_contiguous
+    assert np.abs(ours.astype(np.int16) - pillow).max() <= 1
+
+
+def test_resize_input_of_the_right_size_is_the_image_itself(segmenter):
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    assert segmenter.resize_input(rgb, (30, 20)) is rgb

@@ -47,9 +47,6 @@ from rmbgd.output.publisher import FinishingFailed, Publisher
 
 # The reason recorded for an image that does not fit in GPU memory even on its own.
 OUT_OF_GPU_MEMORY = "out of GPU memory"
-# With dynamic input sizes the decoder's square model input is not used; the smallest
-# square keeps the cost of making it low.
-_UNUSED_DECODE_SIZE = 32
 
 
 class PublishError(Exception):
@@ -90,10 +87,14 @@ class Pipeline:
         self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-decode", initializer=_yield_to_model)
         self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-encode", initializer=_yield_to_model)
         self.batches: BatchQueue[Job] = BatchQueue(cfg.batch.size, cfg.batch.max_wait_ms / 1000.0)
+        # The warm-up call is the first measure of what a call costs (see collector.py).
+        for key, size, seconds in getattr(segmenter, "call_timings", ()):
+            self.batches.observe(key, size, seconds)
         # Kept from start-up: the loaded model fixes them, whatever a reload says later.
         self._model_cfg = cfg.model
         self._dynamic = cfg.model.input_size == DYNAMIC_INPUT_SIZE
-        self._decode_size = _UNUSED_DECODE_SIZE if self._dynamic else int(cfg.model.input_size)
+        self._decode_size = None if self._dynamic else int(cfg.model.input_size)
+        self._resize: Optional[Callable[[Any, Tuple[int, int]], Any]] = getattr(segmenter, "resize_input", None)
         self._resize_on_device = bool(getattr(segmenter, "resizes_on_device", False))
         # On the CPU the segmenter's pre/postprocessing runs in the pools (see model.py).
         self._split = bool(getattr(segmenter, "splits_work", False))
@@ -217,12 +218,12 @@ class Pipeline:
         try:
             image = self._stages.decode(
                 job.claim.path,
-                input_size=self._decode_size,
+                input_size=None if self._dynamic or self._resize is not None else self._decode_size,
                 max_pixels=self._cfg.input.max_pixels,
             )
             size = self._model_size(image.width, image.height)
-            if self._dynamic:
-                image = dataclasses.replace(image, model_input=self._dynamic_input(image.rgb, size))
+            if image.model_input is None:
+                image = dataclasses.replace(image, model_input=self._model_input(image.rgb, size))
             if self._split:
                 image = dataclasses.replace(image, model_input=self._segmenter.prepare(image.model_input))
             job.image = image
@@ -247,10 +248,13 @@ class Pipeline:
         side = int(self._model_cfg.input_size)
         return (side, side)
 
-    def _dynamic_input(self, rgb: Any, size: Tuple[int, int]) -> Any:
-        # A segmenter on a GPU resizes there, off the decode pool's cores.
-        if self._resize_on_device:
+    def _model_input(self, rgb: Any, size: Tuple[int, int]) -> Any:
+        # A segmenter on a GPU resizes dynamic sizes there, off the decode pool's cores.
+        if self._dynamic and self._resize_on_device:
             return rgb
+        # The segmenter's own resize is the decoder's filter, faster (model.resize_input).
+        if self._resize is not None:
+            return self._resize(rgb, size)
         return self._stages.resize(rgb, size)
 
     def _stage_loop(self) -> None:
@@ -311,6 +315,8 @@ class Pipeline:
         # traceback keeps the failed call's frames, and with them its GPU tensors, alive.
         if failure is None:
             ms = ms_since(started)
+            first = batch[0].image
+            self.batches.observe(self._model_size(first.width, first.height), len(batch), ms / 1000.0)
             self._log.info("batch_done", batch=batch_id, size=len(batch), ms=ms, queued=len(self.batches))
             self._on_batch(len(batch), ms)
             for job, mask in zip(batch, masks):

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -153,7 +154,9 @@ class ImageError(Exception):
 
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
-    """A decoded input: full-size pixels for the output and a model-sized copy.
+    """A decoded input: full-size pixels for the output and a model-sized copy (the decoder's
+    (H, W, 3) uint8 array, or whatever the pipeline turned it into for the model; None once
+    the model has run, or when the decoder was not asked for one).
 
     ``eq=False`` because comparing numpy arrays with ``==`` has no single truth value.
     ``icc_profile`` is the input's RGB ICC profile (None when absent or not applicable);
@@ -166,7 +169,7 @@ class DecodedImage:
 
     rgb: np.ndarray
     alpha: np.ndarray | None
-    model_input: np.ndarray
+    model_input: Any
     format: str
     icc_profile: bytes | None = None
     exif: bytes | None = None
@@ -191,14 +194,15 @@ class DecodedImage:
         )
 
 
-def decode_image(path: str | os.PathLike, *, input_size: int, max_pixels: int) -> DecodedImage:
-    """Decode ``path`` into oriented 8-bit RGB, its own alpha if any, and the model's input.
+def decode_image(path: str | os.PathLike, *, input_size: int | None, max_pixels: int) -> DecodedImage:
+    """Decode ``path`` into oriented 8-bit RGB, its own alpha if any, and the model's input
+    (``input_size`` squared; None when ``input_size`` is None: the caller makes its own).
 
     Raises :class:`ImageError` for anything that is not a usable image, including a file
     that cannot be read (the original OSError is kept as ``__cause__``). Safe to call from
     several threads at once; warnings raised inside Pillow are silenced meanwhile.
     """
-    if input_size < 1:
+    if input_size is not None and input_size < 1:
         raise ValueError(f"input_size must be positive, got {input_size}")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
@@ -423,7 +427,7 @@ def _pillow_bomb_reason(exc: Image.DecompressionBombError, max_pixels: int) -> s
     return f"{size}, above input.max_pixels ({max_pixels / 1e6:.1f} MP)"
 
 
-def _decode_opened(im: Image.Image, fp, input_size: int) -> DecodedImage:
+def _decode_opened(im: Image.Image, fp, input_size: int | None) -> DecodedImage:
     # Taken before load(), which empties the tile list.
     low_byte_tiles = _low_byte_tiles(im)
     try:
@@ -447,14 +451,14 @@ def _decode_opened(im: Image.Image, fp, input_size: int) -> DecodedImage:
 
     # Same call torchvision's Resize makes on a PIL image: bilinear, antialiased when
     # shrinking, so the model sees what it was trained on.
-    model_image = rgb_image.resize((input_size, input_size), Image.Resampling.BILINEAR)
+    model_image = None if input_size is None else rgb_image.resize((input_size, input_size), Image.Resampling.BILINEAR)
 
     # np.array (not asarray) so the arrays are writable: Pillow's buffers are immutable
     # bytes, and e.g. torch.from_numpy warns on read-only arrays.
     return DecodedImage(
         rgb=np.array(rgb_image),
         alpha=None if alpha_image is None else np.array(alpha_image),
-        model_input=np.array(model_image),
+        model_input=None if model_image is None else np.array(model_image),
         format=source_format,
         icc_profile=icc_profile,
         exif=_exif_for_output(exif),

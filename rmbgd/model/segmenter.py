@@ -51,6 +51,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The warm-up image side for dynamic input sizes: BiRefNet's training size, so the
 # warm-up costs what a typical photo costs.
 DYNAMIC_WARMUP_SIDE = 1024
+# A warm call quicker than this is timed again for the batcher (Segmenter._time_calls).
+QUICK_CALL_SECONDS = 1.0
 
 LOADER_FROM_PRETRAINED = "from_pretrained"
 LOADER_LEGACY = "legacy"
@@ -231,6 +233,9 @@ class Segmenter:
         self.resizes_on_device = self._on_cuda if resize_on_device is None else resize_on_device
         # See "the CPU path in three steps" below.
         self.splits_work = not self._on_cuda and not self.resizes_on_device
+        # (input size, images, seconds) of a warm call, once warmed up; see _time_one_call.
+        self.call_timings: list[tuple[tuple[int, int], int, float]] = []
+        self._last_warmup: tuple[int, float] = (1, 0.0)
         self._compute_dtype = getattr(torch, dtype)
         self._autocast_dtype: Optional[torch.dtype] = None
         self._set_input_dtype(self._compute_dtype)
@@ -316,6 +321,25 @@ class Segmenter:
     # CPU work. The pipeline runs `prepare` in its decode pool and `finish` in its encode
     # pool, so they overlap the next model call instead of running in series with it in the
     # model thread (bench/RESULTS.md). On a GPU they stay on the device, inside `predict`.
+
+    def resize_input(self, rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> the same at `size` (width, height), for the model's input.
+
+        Bilinear, antialiased when shrinking: the filter of Pillow's resize (what the decoder
+        uses otherwise), to within one level, in ~40% of its time on this CPU (torch's uint8
+        kernels; measured 4.6-5.6 ms against 12.5 ms for a 1.5 MP photo to 1024²), which
+        keeps the decode pool ahead of the accelerator on a 2-core host (bench/RESULTS.md).
+        """
+        width, height = (int(v) for v in size)
+        if rgb.shape[:2] == (height, width):
+            return rgb
+        with torch.inference_mode():
+            # HWC viewed as NCHW is channels-last, which torch's uint8 resize kernels want.
+            pixels = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+            resized = F.interpolate(
+                pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            )
+            return np.ascontiguousarray(resized[0].permute(1, 2, 0).numpy())
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB at the model size -> the normalised (3, H, W) model input."""
@@ -441,6 +465,7 @@ class Segmenter:
         while True:
             error = self._warmup_error(side)
             if error is None:
+                self._time_calls(side)
                 return
             description, out_of_memory = error
             if self._runner is not None:
@@ -481,6 +506,30 @@ class Segmenter:
                 raise self._precision_failed(side, first_error, description)
             raise self._warmup_failed(description)
 
+    def _time_calls(self, side: int) -> None:
+        """Note what warm calls cost, for the batcher (collector.CallCost).
+
+        Calls of one and of two images tell the fixed cost of a call from its per-image
+        cost. They are timed after the warm-up, which pays for lazy set-up (kernels, cuDNN's
+        search), on a GPU (tens of milliseconds) or where a call is quick; a CPU model taking
+        seconds per image keeps the warm-up's own time, since two more calls would delay the
+        start by several seconds and its calls are long next to any batch window anyway."""
+        count, seconds = self._last_warmup
+        self.call_timings = [((side, side), count, seconds)]
+        if not (self._on_cuda or seconds < QUICK_CALL_SECONDS):
+            return
+        timings = []
+        try:
+            for count in (1, 2):
+                image = np.zeros((side, side, 3), dtype=np.uint8)
+                started = time.perf_counter()
+                self.predict([image] * count, [(side, side)] * count)
+                timings.append(((side, side), count, time.perf_counter() - started))
+        except Exception as exc:  # noqa: BLE001 - model-loading boundary; the warm-up worked
+            self._emit("debug", "model_timing_skipped", error=_describe(exc))
+            return
+        self.call_timings = timings
+
     def _warmup_side(self) -> int:
         if self.input_size == DYNAMIC:
             return min(DYNAMIC_WARMUP_SIDE, self.max_input_size)
@@ -493,7 +542,9 @@ class Segmenter:
         try:
             for count in counts:
                 image = np.zeros((side, side, 3), dtype=np.uint8)
+                started = time.perf_counter()
                 self.predict([image] * count, [(side, side)] * count)
+                self._last_warmup = (count, time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001
             # The model-loading boundary: the model's own code can raise anything.
             return _describe(exc), is_out_of_memory(exc)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Deque, List, Optional, Set
 from rmbgd import __version__
 from rmbgd.output import backoff
 from rmbgd.ops import logs
+from rmbgd.batching.collector import CallCost
 from rmbgd.config.settings import (
     Config,
     ConfigError,
@@ -74,8 +75,23 @@ def load_model(cfg: Config, log: Any) -> Any:
         segmenter.warmup()
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
-    log.info("model_warm", ms=round((time.monotonic() - started) * 1000.0, 1))
+    log.info("model_warm", ms=round((time.monotonic() - started) * 1000.0, 1), **call_cost_fields(segmenter))
     return segmenter
+
+
+def call_cost_fields(segmenter: Any) -> dict:
+    """`call_ms` (one image) and `fixed_ms` (the part of a call that does not grow with its
+    size, which bounds how long a free model waits to fill a batch; see collector.py)."""
+    cost = CallCost()
+    fields = {}
+    for _key, size, seconds in getattr(segmenter, "call_timings", ()):
+        cost.observe(size, seconds)
+        if size == 1:
+            fields["call_ms"] = round(seconds * 1000.0, 1)
+    fixed = cost.fixed()
+    if fixed is not None:
+        fields["fixed_ms"] = round(fixed * 1000.0, 1)
+    return fields
 
 
 def load_model_watching(cfg: Config, log: Any, tick: Callable[[], None]) -> Any:

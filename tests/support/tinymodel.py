@@ -157,27 +157,34 @@ SHARED_MODELS = Path(
 )
 BIREFNET_LITE_CODE = SHARED_MODELS / "birefnet_lite_2k_2025-02"
 BIREFNET_LITE_FILES = ("birefnet.py", "BiRefNet_config.py", "config.json")
+# BiRefNet's code picks its backbone in its Config class: Swin-T in BiRefNet_lite, Swin-L in
+# the full ZhengPeng7/BiRefNet (about 220 M parameters); the rest of the network is the same.
+BIREFNET_LITE_BACKBONE = "swin_v1_t"
+BIREFNET_FULL_BACKBONE = "swin_v1_l"
 
 
-def build_birefnet_lite(dest: Path, *, post_init: bool = False, weights_from: Path | None = None) -> Path:
+def build_birefnet_lite(
+    dest: Path, *, post_init: bool = False, weights_from: Path | None = None, backbone: str | None = None
+) -> Path:
     """BiRefNet_lite's real code with random weights (about 180 MB) in ``dest``; return it.
 
     The code is the 2025-02 version, which transformers 5 only loads through rmbgd's legacy
     loader; ``post_init=True`` adds the ``self.post_init()`` call the hub's current code has,
     so that ``from_pretrained`` loads it directly. ``weights_from`` copies another such
-    folder's weights instead of building new ones (seconds of CPU).
+    folder's weights instead of building new ones (seconds of CPU). ``backbone`` swaps
+    Swin-T for another of the code's backbones: BIREFNET_FULL_BACKBONE gives the full
+    BiRefNet's architecture (about 890 MB of weights).
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in BIREFNET_LITE_FILES:
         shutil.copyfile(BIREFNET_LITE_CODE / name, dest / name)
+    code = dest / "birefnet.py"
     if post_init:
-        code = dest / "birefnet.py"
-        marker = "\n    def forward_enc(self, x):"
-        text = code.read_text()
-        if marker not in text:
-            raise ValueError(f"{code}: no forward_enc to put post_init() before")
-        code.write_text(text.replace(marker, "\n        self.post_init()\n" + marker, 1))
+        _insert_before(code, "\n    def forward_enc(self, x):", "\n        self.post_init()\n")
+    if backbone is not None and backbone != BIREFNET_LITE_BACKBONE:
+        # Right after Config chose Swin-T from its list, before anything reads the choice.
+        _insert_before(code, "\n        self.lateral_channels_in_collection = {", f"\n        self.bb = {backbone!r}")
     if weights_from is not None:
         shutil.copyfile(Path(weights_from) / "model.safetensors", dest / "model.safetensors")
         return dest
@@ -197,6 +204,13 @@ def build_birefnet_lite(dest: Path, *, post_init: bool = False, weights_from: Pa
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
     return dest
+
+
+def _insert_before(code: Path, marker: str, insert: str) -> None:
+    text = code.read_text()
+    if text.count(marker) != 1:
+        raise ValueError(f"{code}: expected {marker.strip()!r} once, found it {text.count(marker)} times")
+    code.write_text(text.replace(marker, insert + marker, 1))
 
 
 def edit_weights(model_dir: Path, edit) -> None:
