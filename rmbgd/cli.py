@@ -1,4 +1,4 @@
-"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `--version`.
+"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `rmbgd doctor`, `--version`.
 
 User errors (a bad config, a model that cannot be loaded) end in one readable line and a
 non-zero exit, never a traceback; only a bug in rmbgd itself shows one.
@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", metavar="DIR", help="read this state folder instead of the config's")
     status.add_argument("--json", action="store_true", help="print the status documents as JSON")
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this installation: packages, device, model, folders, a pipeline run",
+        description="Check that this machine is ready, without touching anything of yours: the Python "
+        "packages the model needs, torch and the device (and why CUDA is not used, if it is not), the "
+        "model (a local folder or the Hugging Face cache; nothing is downloaded), the folders and "
+        "inotify limits (with --config), and a run of the whole pipeline on generated images with a "
+        "built-in stand-in model in a temporary folder, with its images/s. One line per check; exit 0 "
+        "when everything needed is in place, 1 otherwise. Without --config the defaults are checked.",
+    )
+    _config_option(doctor, required=False)
+
     process = commands.add_parser(
         "process",
         help="remove the background of some files or folders once, then exit",
@@ -114,10 +126,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _status(args.config, args.state_dir, args.json)
     if args.command == "process":
         return _process(args)
+    if args.command == "doctor":
+        from rmbgd import doctor
+
+        return doctor.main(args.config)
     return _run(args.config)
 
 
 def _check(path: str) -> int:
+    from pathlib import Path
+
     from rmbgd.config.settings import ConfigError, check_folders, load_config
 
     try:
@@ -133,6 +151,15 @@ def _check(path: str) -> int:
         sys.stderr.write(f"{problem}\n")
     if problems:
         return EXIT_USAGE
+    from rmbgd.config.settings import commented_out_colours
+
+    # Read again: load_config already read it, so it is UTF-8 text of a sane size.
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # replaced since it was loaded: the warnings are only a courtesy
+    for warning in commented_out_colours(text):
+        sys.stderr.write(f"warning: {warning}\n")
     sys.stdout.write(f"{path}: ok\n")
     return 0
 
@@ -249,12 +276,24 @@ def _process(args: argparse.Namespace) -> int:
         return runner.run()
     except StartupError as exc:
         report.close()
-        _startup_failed(log, str(exc))
+        oneshot.remove_created(work)
+        _startup_failed(log, _without_config(str(exc)) if args.config is None else str(exc))
         return 1
     except Exception:  # the CLI boundary: a bug in rmbgd, logged with its traceback
         report.close()
         log.critical("crashed", exc_info=True)
         return 1
+
+
+def _without_config(error: str) -> str:
+    # `process` without --config has no model.name to set: the model comes from --model.
+    if not error.startswith("model.name: "):
+        return error
+    error = "--model: " + error[len("model.name: ") :]
+    at = error.find("set model.name to that local directory")
+    if at >= 0:
+        return error[:at] + "give that folder with --model DIR"
+    return error + "; without --config, give a local model folder with --model DIR"
 
 
 def _startup_failed(log, error: str, more: Optional[List[str]] = None) -> None:

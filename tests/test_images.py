@@ -1151,4 +1151,4 @@ def test_importing_does_not_pull_in_torch():
 
 
 def test_supported_formats_are_pillow_names():
-    assert SUPPORTED_FORMATS == ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+    assert SUPPORTED_FORMATS == ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF")

@@ -485,9 +485,9 @@ def test_invalid_model_id():
 
 def offline_hint(cache: Path) -> str:
     return (
-        f" and it is not in the Hugging Face cache ({cache}); run `rmbgd fetch-model --config PATH` "
-        "where the hub is reachable to fill that cache, or, on an offline machine, copy the model "
-        "folder there and set model.name to that local directory, "
+        f" and it is not in this machine's Hugging Face cache ({cache}); run `rmbgd fetch-model --config PATH` "
+        "where the hub is reachable to fill that cache, or, for an offline machine, copy the model "
+        "folder to this machine and set model.name to that local directory, "
         "e.g. model.name: /srv/rmbgd/models/BiRefNet"
     )
 

@@ -137,7 +137,7 @@ def test_hf_hub_offline_with_an_empty_cache(tmp_path, fake_hub, fake_hub_server)
     assert fake_hub_server.requests == []  # offline means not even one request
     assert error.startswith(
         "model.name: cannot download 'ZhengPeng7/BiRefNet_lite' from the Hugging Face hub "
-        "(HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache ("
+        "(HF_HUB_OFFLINE is set) and it is not in this machine's Hugging Face cache ("
     )
     assert str(tmp_path / "hf-home") in error
     assert "rmbgd fetch-model --config PATH" in error

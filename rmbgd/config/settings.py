@@ -898,6 +898,33 @@ def load_config(path: str | os.PathLike[str], *, with_paths: bool = True) -> Con
     return _parse(data, source.parent, source, shown, with_paths)
 
 
+# `background: #ffffff` unquoted: a `#` after a space starts a YAML comment, so the key is null.
+_COMMENTED_COLOUR_RE = re.compile(r"^\s*(?:-\s+)?background:\s+(#\S*)")
+_TOP_LEVEL_KEY_RE = re.compile(r"^([A-Za-z_][\w-]*)\s*:")
+
+
+def commented_out_colours(text: str) -> list[str]:
+    """Warnings for `background:` lines whose unquoted `#colour` YAML read as a comment (null).
+
+    Valid YAML, and null is a valid background (transparency), so only the raw line shows
+    what was meant.
+    """
+    found = []
+    section = None
+    for number, line in enumerate(text.splitlines(), 1):
+        top = _TOP_LEVEL_KEY_RE.match(line)
+        if top:
+            section = top.group(1)
+        match = _COMMENTED_COLOUR_RE.match(line)
+        if match:
+            key = "output.background" if section == "output" else f"{section or 'output'}: background"
+            found.append(
+                f"{key}: line {number}: {match.group(1)} starts a YAML comment, so the background came "
+                f'out null (transparent); quote the colour: background: "{match.group(1)}"'
+            )
+    return found
+
+
 # --------------------------------------------------------------------------- folders
 
 

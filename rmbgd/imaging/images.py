@@ -46,9 +46,11 @@ __all__ = [
 # multi-picture JPEG many cameras write) is listed because Pillow reports it, but Pillow
 # opens it through the JPEG opener: it has no opener of its own and must not be passed to
 # `Image.open(formats=...)`, which raises KeyError for it.
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# "HEIF" (HEIC phone photos) comes from pillow-heif's plugin and "AVIF" from Pillow's own
+# (Pillow >= 11.3), registered in `_openable_formats`.
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "HEIF")
 
-_NOT_SUPPORTED = "not a supported image (expected JPEG, PNG, WebP, BMP, TIFF or GIF)"
+_NOT_SUPPORTED = "not a supported image (expected JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF or AVIF)"
 
 # What Pillow's parsers and decoders raise on hostile or damaged input. TypeError is left
 # out on purpose: here it would more likely be a bug of ours than a bad file.
@@ -76,6 +78,8 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00*", "TIFF"),
     (b"BM", "BMP"),
 )
+# ISO base media files (HEIF, AVIF) start with a box size, then "ftyp" and the major brand.
+_FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF"}
 
 _EXIF_ORIENTATION = 0x0112
 EXIF_PREFIX = b"Exif\x00\x00"
@@ -373,7 +377,22 @@ def _openable_formats() -> tuple[str, ...]:
     # build can open; a format missing from the build is then simply not tried instead
     # of making Image.open raise KeyError.
     Image.init()
+    _register_heif_opener()
     return tuple(name for name in SUPPORTED_FORMATS if name in Image.OPEN)
+
+
+def _register_heif_opener() -> None:
+    try:
+        import pillow_heif
+    except ImportError:  # pragma: no cover - a declared dependency; HEIC then goes to errors/
+        return
+    # Only the primary image is used: skip parsing thumbnails, depth maps and auxiliary images.
+    # libheif applies the container's rotation (irot/imir) while decoding and pillow-heif
+    # resets the EXIF orientation to 1, so no photo is turned twice.
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    if "AVIF" not in Image.OPEN and hasattr(pillow_heif, "register_avif_opener"):
+        # Pillow < 11.3 has no AVIF plugin; pillow-heif < 1.0 brings one.
+        pillow_heif.register_avif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
 def _identify(fp, max_pixels: int) -> Image.Image:
@@ -410,6 +429,8 @@ def _unidentified_reason(fp) -> str:
             return f"truncated or corrupt {name} file: its header cannot be read"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "truncated or corrupt WebP file: its header cannot be read"
+    if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
+        return f"truncated or corrupt {_FTYP_BRANDS[head[8:12]]} file: its header cannot be read"
     return _NOT_SUPPORTED
 
 

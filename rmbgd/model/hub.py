@@ -177,9 +177,9 @@ def _hub_needs_cache(cfg: Any, log: Any) -> bool:
     example = name.rstrip("/").split("/")[-1]
     raise ModelLoadError(
         f"model.name: cannot download '{name}'{at} from the Hugging Face hub ({why}) and it is "
-        f"not in the Hugging Face cache ({_cache_dir()}); run `rmbgd fetch-model --config PATH` "
-        "where the hub is reachable to fill that cache, or, on an offline machine, copy the model "
-        "folder there and set model.name to that local directory, "
+        f"not in this machine's Hugging Face cache ({cache_dir()}); run `rmbgd fetch-model --config PATH` "
+        "where the hub is reachable to fill that cache, or, for an offline machine, copy the model "
+        "folder to this machine and set model.name to that local directory, "
         f"e.g. model.name: /srv/rmbgd/models/{example}"
     )
 
@@ -242,7 +242,7 @@ def missing_packages_hint(missing: list[str]) -> str:
     return f"pip install {' '.join(missing)}"
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)

@@ -97,6 +97,8 @@ class Plan:
     out: Path
     done: Optional[Path]
     ignored: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # Folders `plan` made for --out/--done (deepest last), removed again if the run never starts.
+    created: List[Path] = field(default_factory=list)
 
 
 def plan(paths: Sequence[str], out: str, done: Optional[str] = None) -> Plan:
@@ -112,10 +114,11 @@ def plan(paths: Sequence[str], out: str, done: Optional[str] = None) -> Plan:
     out_dir = _destination("--out", out, roots)
     done_dir = _destination("--done", done, roots) if done is not None else None
     # Created only once every argument is known to be usable.
+    created: List[Path] = []
     for option, raw, path in (("--out", out, out_dir), ("--done", done, done_dir)):
         if path is not None:
-            _create(option, raw, path)
-    result = Plan(sources=[], out=out_dir, done=done_dir)
+            created += _create(option, raw, path)
+    result = Plan(sources=[], out=out_dir, done=done_dir, created=created)
     seen = set()
     for raw, path in roots:
         found = _below(raw, path, result.ignored) if path.is_dir() else [Source(PurePath(path.name), path, raw)]
@@ -142,13 +145,30 @@ def _destination(option: str, raw: str, roots: List[Tuple[str, Path]]) -> Path:
     return path
 
 
-def _create(option: str, raw: str, path: Path) -> None:
+def _create(option: str, raw: str, path: Path) -> List[Path]:
+    """Make `path` (and missing parents); return the folders this made, outermost first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{option} {raw}: cannot create: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {raw}: folder is not writable by this user")
+    return missing[::-1]
+
+
+def remove_created(work: Plan) -> None:
+    """Remove the folders `plan` made, if still empty: a run that never started leaves none."""
+    for folder in reversed(work.created):
+        try:
+            folder.rmdir()
+        except OSError:
+            # Not empty (someone put something there meanwhile) or already gone: leave it.
+            continue
 
 
 def _below(raw: str, top: Path, ignored: List[Tuple[str, str]]) -> List[Source]:

@@ -1,0 +1,128 @@
+"""The real BiRefNet_lite model code (random weights) through `rmbgd process`, the daemon and
+the loader, at a small input size on the CPU.
+
+Skipped where ../shared/models is absent (a user's checkout) or the birefnet extra (timm,
+kornia, einops) is not installed. The weights are built once per test session (about 180 MB
+in the session's temporary folder, seconds of CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.daemon import REPO, subprocess_env, write_config
+from tests.support.tinymodel import BIREFNET_LITE_CODE, build_birefnet_lite, edit_weights
+
+pytestmark = pytest.mark.slow
+
+SIDE = 256
+
+
+@pytest.fixture(scope="module")
+def birefnet_lite(tmp_path_factory) -> Path:
+    """The 2025-02 code as published (transformers 5 needs rmbgd's legacy loader for it)."""
+    if not BIREFNET_LITE_CODE.is_dir():
+        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
+    for package in ("timm", "kornia", "einops"):
+        pytest.importorskip(package)
+    return build_birefnet_lite(tmp_path_factory.mktemp("birefnet") / "BiRefNet_lite")
+
+
+@pytest.fixture(scope="module")
+def birefnet_fixed(birefnet_lite, tmp_path_factory) -> Path:
+    """The same weights with the upstream fix (post_init) that lets from_pretrained load it."""
+    dest = tmp_path_factory.mktemp("birefnet-fixed") / "BiRefNet_lite_fixed"
+    return build_birefnet_lite(dest, post_init=True, weights_from=birefnet_lite)
+
+
+def photo(path: Path, width: int, height: int) -> Path:
+    rgb = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def model_section(model: Path, **extra) -> dict:
+    return {"name": str(model), "device": "cpu", "input_size": SIDE, **extra}
+
+
+def records(stdout: str) -> list:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("loader", ["legacy", "from_pretrained"])
+def test_real_birefnet_lite_through_process(tmp_path, hf_home, birefnet_lite, birefnet_fixed, loader):
+    model = birefnet_lite if loader == "legacy" else birefnet_fixed
+    config = write_config(tmp_path / "process.yaml", {"model": model_section(model), "batch": {"size": 2}})
+    photo(tmp_path / "in" / "a.jpg", 200, 150)
+    photo(tmp_path / "in" / "b.png", 120, 160)
+    result = subprocess.run(
+        [sys.executable, "-m", "rmbgd", "process", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+         "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=280, cwd=str(REPO), env=subprocess_env(hf_home),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (ready,) = [r for r in records(result.stdout) if r["event"] == "ready"]
+    assert ready["loader"] == loader
+    for name, size in (("a.png", (200, 150)), ("b.png", (120, 160))):
+        with Image.open(tmp_path / "out" / name) as out:
+            assert out.mode == "RGBA" and out.size == size
+
+
+def test_real_birefnet_lite_in_the_daemon(daemons, birefnet_fixed):
+    daemon = daemons.start(model=model_section(birefnet_fixed), batch={"size": 2})
+    photo(daemons.root / "inbox" / "sub" / "c.jpg", 180, 140)
+    done = daemon.wait_for("file_done", timeout=180)
+    assert done["output"].endswith("sub/c.png")
+    assert daemon.stop() == 0
+    with Image.open(daemons.root / "outbox" / "sub" / "c.png") as out:
+        assert out.mode == "RGBA" and out.size == (180, 140)
+
+
+def test_real_birefnet_lite_missing_a_weight_fails_the_start(daemons, birefnet_fixed, tmp_path):
+    broken = tmp_path / "BiRefNet_lite_broken"
+    shutil.copytree(birefnet_fixed, broken)
+    edit_weights(broken, lambda state: state.pop("decoder.conv_out1.0.weight"))
+    daemon = daemons.start(model=model_section(broken), wait_ready=False)
+    failed = daemon.wait_for("startup_failed", timeout=180)
+    assert "decoder.conv_out1.0.weight" in failed["error"] and "missing" in failed["error"]
+    assert daemon.wait_exit(60) == 1
+
+
+def test_real_birefnet_lite_fp16_weights_run_in_fp32_on_the_cpu(tmp_path, birefnet_fixed):
+    import torch
+
+    from rmbgd.config.settings import ModelConfig
+    from rmbgd.model.segmenter import load_segmenter
+
+    half = tmp_path / "BiRefNet_lite_fp16"
+    shutil.copytree(birefnet_fixed, half)
+    edit_weights(half, lambda state: state.update({k: v.half() for k, v in state.items() if v.is_floating_point()}))
+    segmenter = load_segmenter(ModelConfig(name=str(half), device="cpu", input_size=SIDE))
+    assert segmenter.dtype == "float32"
+    assert {p.dtype for p in segmenter._model.parameters()} == {torch.float32}
+    image = np.random.default_rng(3).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    (mask,) = segmenter.predict([image], [(90, 60)])
+    assert mask.shape == (60, 90) and mask.dtype == np.uint8
+
+
+def test_real_birefnet_lite_dynamic_input_size(birefnet_fixed):
+    from rmbgd.config.settings import ModelConfig
+    from rmbgd.model.segmenter import load_segmenter
+
+    segmenter = load_segmenter(
+        ModelConfig(name=str(birefnet_fixed), device="cpu", input_size="dynamic", max_input_size=SIDE)
+    )
+    width, height = segmenter.model_size(300, 200)
+    assert max(width, height) <= SIDE and width % 32 == 0 and height % 32 == 0 and width > height
+    image = np.random.default_rng(4).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    (mask,) = segmenter.predict([image], [(300, 200)], model_size=(width, height))
+    assert mask.shape == (200, 300)
