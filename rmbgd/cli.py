@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "process":
         return _process(args)
     if args.command == "doctor":
-        from rmbgd import doctor
+        from rmbgd.runtime import doctor
 
         return doctor.main(args.config)
     return _run(args.config)

@@ -2,7 +2,7 @@
 
 Nothing of the user's is processed or changed: the model is looked for (a local folder, or
 the Hugging Face cache) but never downloaded, the folders are looked at but not created, and
-the pipeline runs on generated images with a built-in stand-in model (rmbgd.standin) into a
+the pipeline runs on generated images with a built-in stand-in model (rmbgd.model.standin) into a
 temporary folder. torch is imported only by the checks that need it, so `--help` and a
 failing config stay quick.
 """
@@ -466,7 +466,7 @@ def check_pipeline(cfg: Any, device: str) -> Result:
 
 
 def _run_pipeline(cfg: Any, device: str, scratch: Path) -> Result:
-    from rmbgd import standin
+    from rmbgd.model import standin
     from rmbgd.ops import logs
     from rmbgd.runtime import oneshot
     from rmbgd.runtime.daemon import StartupError
