@@ -7,14 +7,14 @@ Builds a BiRefNet_lite model folder (the real code from ../shared/models, random
 fixed seed; kept in --cache between runs with its exports) and runs, in ONE process, per input
 size:
 
-- eager: today's path, rmbgd.model.load_segmenter's Segmenter (float32, inference_mode);
+- eager: today's path, rmbgd.model.segmenter.load_segmenter's Segmenter (float32, inference_mode);
 - channels_last: a copy of the model and its input in channels-last memory format;
 - compile: torch.compile(model) (default mode); its first call, the compilation, is reported
   apart. Only at --compile-sizes (default 512): compiling costs minutes per input size;
 - bf16: torch.autocast(bfloat16), only where oneDNN reports native bfloat16 (avx512_bf16 or
   AMX); torchvision's deform_conv2d has no bfloat16 CPU kernel, so it is run in float32;
 - onnxruntime, openvino (f32) and, on bfloat16 CPUs, openvino_bf16: the exports rmbgd's
-  model.backend uses (rmbgd/backends.py), made once and cached next to the model, keyed by
+  model.backend uses (rmbgd/model/backends.py), made once and cached next to the model, keyed by
   model content, input size and library versions; export time is reported apart.
 
 Every variant is warmed up once per size, then timed on the same images, round-robin
@@ -149,8 +149,8 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
     ones go into ``notes`` with their reason."""
     import torch
 
-    from rmbgd import backends
-    from rmbgd.model import Segmenter, _cpu_has_bfloat16, _final_logits
+    from rmbgd.model import backends
+    from rmbgd.model.segmenter import Segmenter, _cpu_has_bfloat16, final_logits
 
     seg = Segmenter(model, name="birefnet_lite", device="cpu", dtype="float32", input_size=side)
     variants = {}
@@ -168,7 +168,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 
                 def run(x, cl=cl):
                     with torch.inference_mode():
-                        return _final_logits(cl(x.contiguous(memory_format=torch.channels_last)), 1).float().numpy()
+                        return final_logits(cl(x.contiguous(memory_format=torch.channels_last)), 1).float().numpy()
 
                 variants[name] = (run, None)
             elif name == "compile":
@@ -176,7 +176,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 
                 def run(x, compiled=compiled):
                     with torch.inference_mode():
-                        return _final_logits(compiled(x), 1).float().numpy()
+                        return final_logits(compiled(x), 1).float().numpy()
 
                 variants[name] = (run, None)
             elif name == "bf16":
@@ -186,7 +186,7 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
 
                 def run(x):
                     with torch.inference_mode(), deform_conv_in_float32(model), torch.autocast("cpu", dtype=torch.bfloat16):
-                        return _final_logits(model(x), 1).float().numpy()
+                        return final_logits(model(x), 1).float().numpy()
 
                 variants[name] = (run, None)
             elif name in ("onnxruntime", "openvino", "openvino_bf16"):
@@ -331,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rmbgd.config import parse_config
-    from rmbgd import backends
-    from rmbgd.model import _cpu_has_bfloat16, load_segmenter
+    from rmbgd.config.settings import parse_config
+    from rmbgd.model import backends
+    from rmbgd.model.segmenter import _cpu_has_bfloat16, load_segmenter
 
     machine = support.machine()
     cache = Path(args.cache)

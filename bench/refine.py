@@ -1,4 +1,4 @@
-"""Cost and effect of rmbgd.refine.estimate_foreground (halo removal) at 1.5 MP and 12 MP.
+"""Cost and effect of rmbgd.model.refine.estimate_foreground (halo removal) at 1.5 MP and 12 MP.
 
     .venv/bin/python bench/refine.py            # about 1 minute
     .venv/bin/python bench/refine.py --quick    # one small scene: checks that it runs
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rmbgd.refine import estimate_foreground
+    from rmbgd.model.refine import estimate_foreground
 
     default_threads = torch.get_num_threads()
     cases = {}

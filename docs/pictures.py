@@ -3,7 +3,7 @@
     .venv/bin/python docs/pictures.py      # rewrites docs/img/*.png
 
 The scene is made here, with a known mask, so the pictures show exactly what rmbgd's own
-output code (rmbgd.render.render, the function the daemon runs) does with a mask: no model
+output code (rmbgd.render.render.render, the function the daemon runs) does with a mask: no model
 and no download are needed. The subject is an orange ball with hair-like strands, shot
 against green foliage, composited as a camera would see it: I = a*F + (1-a)*B.
 """
@@ -20,9 +20,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rmbgd.config import OutputConfig, Padding  # noqa: E402
-from rmbgd.images import DecodedImage  # noqa: E402
-from rmbgd.render import render  # noqa: E402
+from rmbgd.config.settings import OutputConfig, Padding  # noqa: E402
+from rmbgd.imaging.images import DecodedImage  # noqa: E402
+from rmbgd.model.refine import estimate_foreground  # noqa: E402
+from rmbgd.render.render import render  # noqa: E402
 
 OUT = Path(__file__).parent / "img"
 W, H = 360, 270
@@ -103,7 +104,7 @@ def main() -> int:
     image = DecodedImage(rgb=photo, alpha=None, model_input=None, format="PNG")
 
     def output(**options) -> bytes:
-        return render(image, mask, dataclasses.replace(OutputConfig(), **options))[0].data
+        return render(image, mask, dataclasses.replace(OutputConfig(), **options), refine=estimate_foreground)[0].data
 
     sheet = row([
         labelled(Image.fromarray(photo), "input"),

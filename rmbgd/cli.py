@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "process":
         return _process(args)
     if args.command == "doctor":
-        from rmbgd import doctor
+        from rmbgd.runtime import doctor
 
         return doctor.main(args.config)
     return _run(args.config)
@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _check(path: str) -> int:
     from pathlib import Path
 
-    from rmbgd.config import ConfigError, check_folders, load_config
+    from rmbgd.config.settings import ConfigError, check_folders, load_config
 
     try:
         cfg = load_config(path)
@@ -144,14 +144,14 @@ def _check(path: str) -> int:
         for problem in exc.problems:
             sys.stderr.write(f"{problem}\n")
         return EXIT_USAGE
-    from rmbgd import metrics
+    from rmbgd.ops import metrics
 
     problems = check_folders(cfg) + metrics.problems(cfg)
     for problem in problems:
         sys.stderr.write(f"{problem}\n")
     if problems:
         return EXIT_USAGE
-    from rmbgd.config import commented_out_colours
+    from rmbgd.config.settings import commented_out_colours
 
     # Read again: load_config already read it, so it is UTF-8 text of a sane size.
     try:
@@ -167,8 +167,8 @@ def _check(path: str) -> int:
 def _fetch_model(path: str, to: Optional[str]) -> int:
     from pathlib import Path
 
-    from rmbgd.config import ConfigError, load_config
-    from rmbgd.hub import ModelLoadError, fetch_model
+    from rmbgd.config.settings import ConfigError, load_config
+    from rmbgd.model.hub import ModelLoadError, fetch_model
 
     try:
         cfg = load_config(path)
@@ -188,8 +188,8 @@ def _fetch_model(path: str, to: Optional[str]) -> int:
 def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int:
     from pathlib import Path
 
-    from rmbgd.config import ConfigError, load_config
-    from rmbgd.statusfile import default_state_dir, report
+    from rmbgd.config.settings import ConfigError, load_config
+    from rmbgd.ops.statusfile import default_state_dir, report
 
     if state_dir:
         directory = Path(state_dir)
@@ -209,12 +209,12 @@ def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int
 
 
 def _run(path: str) -> int:
-    from rmbgd import logs
-    from rmbgd.config import ConfigError, check_folders, load_config
+    from rmbgd.ops import logs
+    from rmbgd.config.settings import ConfigError, check_folders, load_config
 
     logs.configure("info")
     log = logs.get_logger()
-    from rmbgd import metrics
+    from rmbgd.ops import metrics
 
     try:
         cfg = load_config(path)
@@ -234,7 +234,7 @@ def _run(path: str) -> int:
         _startup_failed(log, f"logging.file: cannot open {cfg.logging.file}: {exc.strerror or exc}")
         return 1
 
-    from rmbgd.daemon import Daemon, StartupError
+    from rmbgd.runtime.daemon import Daemon, StartupError
 
     daemon = Daemon(cfg, log)
     daemon.install_signal_handlers()
@@ -249,9 +249,10 @@ def _run(path: str) -> int:
 
 
 def _process(args: argparse.Namespace) -> int:
-    from rmbgd import logs, oneshot
-    from rmbgd.config import ConfigError
-    from rmbgd.daemon import StartupError, stderr_is_terminal
+    from rmbgd.ops import logs
+    from rmbgd.runtime import oneshot
+    from rmbgd.config.settings import ConfigError
+    from rmbgd.runtime.daemon import StartupError, stderr_is_terminal
 
     report = oneshot.TerminalReport(sys.stderr) if stderr_is_terminal() and not args.json else oneshot.Report()
     logs.configure("info", stream=report.log_stream or sys.stdout)

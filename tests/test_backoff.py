@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from rmbgd.backoff import UNHEALABLE_ATTEMPTS, Scheduler, Verdict, retry_delay, write_error_verdict
+from rmbgd.output.backoff import UNHEALABLE_ATTEMPTS, Scheduler, Verdict, retry_delay, write_error_verdict
 
 RETRY, FAIL = Verdict.RETRY, Verdict.FAIL
 HEALABLE = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOENT, errno.EAGAIN, errno.ESTALE, None, 99999]

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from rmbgd.collector import BatchQueue, CallCost, Collector
+from rmbgd.batching.collector import BatchQueue, CallCost, Collector
 
 
 def test_full_batch_released_at_once():

@@ -1,4 +1,4 @@
-"""Tests for rmbgd.compose: crop box, downscaling, compositing over a flat colour."""
+"""Tests for rmbgd.render.compose: crop box, downscaling, compositing over a flat colour."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rmbgd.compose import SUBJECT_THRESHOLD, fit_within, over_background, subject_box
+from rmbgd.render.compose import SUBJECT_THRESHOLD, fit_within, over_background, subject_box
 
 H, W = 60, 80
 
@@ -251,5 +251,5 @@ def test_over_rejects_bad_arrays():
 
 
 def test_importing_does_not_pull_in_torch():
-    code = "import sys, rmbgd.compose, rmbgd.encoders; sys.exit('torch' in sys.modules)"
+    code = "import sys, rmbgd.render.compose, rmbgd.render.encoders; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

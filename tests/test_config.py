@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd import config as config_mod
-from rmbgd.config import (
+from rmbgd.config import settings as config_mod
+from rmbgd.config.settings import (
     BatchConfig,
     Config,
     ConfigError,

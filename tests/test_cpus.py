@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd import config as config_mod
-from rmbgd import cpus
-from rmbgd.config import PipelineConfig, effective_workers, parse_config
-from rmbgd.cpus import available_cpus, cgroup_cpu_dirs, usable_cpus
+from rmbgd.config import settings as config_mod
+from rmbgd.config import cpus
+from rmbgd.config.settings import PipelineConfig, effective_workers, parse_config
+from rmbgd.config.cpus import available_cpus, cgroup_cpu_dirs, usable_cpus
 
 # /proc/self/mountinfo lines as a pure cgroup v2 host, a hybrid v1 host and a container show them.
 V2_MOUNT = "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd.config import PathsConfig
-from rmbgd.fsops import TEMP_SUFFIX, remove_orphan_temps
-from rmbgd.publisher import Publisher
-from rmbgd.render import OutputFile
-from rmbgd.workarea import WorkArea
+from rmbgd.config.settings import PathsConfig
+from rmbgd.output.fsops import TEMP_SUFFIX, remove_orphan_temps
+from rmbgd.output.publisher import Publisher
+from rmbgd.output.files import OutputFile
+from rmbgd.intake.workarea import WorkArea
 
 # Each entry: (name, python statements that arm the crash inside the child process).
 # `pub` is the Publisher, `fsops`/`publisher` the modules; `die()` ends the process at once.
@@ -39,10 +39,10 @@ CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from rmbgd import fsops, publisher
-    from rmbgd.config import PathsConfig
-    from rmbgd.render import OutputFile
-    from rmbgd.workarea import WorkArea
+    from rmbgd.output import fsops, publisher
+    from rmbgd.config.settings import PathsConfig
+    from rmbgd.output.files import OutputFile
+    from rmbgd.intake.workarea import WorkArea
 
     def die():
         os._exit(9)

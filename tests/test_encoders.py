@@ -1,5 +1,5 @@
-"""Tests for the output encoders: WebP and JPEG (rmbgd.encoders), RGB and grey PNG
-(rmbgd.images), and the ICC profile and EXIF they carry. Every check decodes real bytes."""
+"""Tests for the output encoders: WebP and JPEG (rmbgd.render.encoders), RGB and grey PNG
+(rmbgd.imaging.images), and the ICC profile and EXIF they carry. Every check decodes real bytes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, JpegImagePlugin
 
-from rmbgd.encoders import encode_jpeg, encode_webp
-from rmbgd.images import decode_image, encode_grey_png, encode_png
+from rmbgd.render.encoders import encode_jpeg, encode_webp
+from rmbgd.imaging.images import decode_image, encode_grey_png, encode_png
 from tests.support.photos import random_rgba
 
 H, W = 30, 40

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from rmbgd.fsops import TEMP_SUFFIX
+from rmbgd.output.fsops import TEMP_SUFFIX
 from tests.support.faultfs import faultfs  # noqa: F401 (a fixture)
 from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import pattern, save
@@ -381,7 +381,7 @@ def malformed_intents(root: Path) -> Dict[str, object]:
 @pytest.mark.parametrize("shape", sorted(malformed_intents(Path("/nonexistent-root"))))
 def test_regression_malformed_intent_is_ignored_and_the_file_processed_again(shape, inprocess, tmp_path):
     """Finding 8: an intent that is valid JSON of the wrong shape raised KeyError at start-up."""
-    from rmbgd.workarea import Claim
+    from rmbgd.intake.workarea import Claim
 
     inbox = tmp_path / "inbox"
     dead = inbox / ".rmbgd" / "work" / "dead-instance"
@@ -408,10 +408,10 @@ def test_regression_temps_removed_before_linking_are_retried_not_an_assertion(tm
     """Finding 8: publisher.py asserted that its temps still existed when it linked them; a
     foreign clean-up in between raised AssertionError. Now it is an OSError the pipeline
     retries, and the next attempt publishes normally."""
-    from rmbgd.config import PathsConfig
-    from rmbgd.publisher import Publisher
-    from rmbgd.render import OutputFile
-    from rmbgd.workarea import WorkArea
+    from rmbgd.config.settings import PathsConfig
+    from rmbgd.output.publisher import Publisher
+    from rmbgd.output.files import OutputFile
+    from rmbgd.intake.workarea import WorkArea
 
     paths = PathsConfig(inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", errors=tmp_path / "errors",
                         done=tmp_path / "done")

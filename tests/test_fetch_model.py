@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from rmbgd import cli
-from rmbgd.config import ModelConfig
-from rmbgd.hub import ModelLoadError, fetch_model
+from rmbgd.config.settings import ModelConfig
+from rmbgd.model.hub import ModelLoadError, fetch_model
 
 
 @pytest.fixture

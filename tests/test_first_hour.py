@@ -14,8 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from rmbgd.config import ModelConfig, commented_out_colours
-from rmbgd.hub import ModelLoadError, locate_model
+from rmbgd.config.settings import ModelConfig, commented_out_colours
+from rmbgd.model.hub import ModelLoadError, locate_model
 from tests.support.daemon import REPO, subprocess_env
 
 

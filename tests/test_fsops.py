@@ -4,7 +4,7 @@ import os
 import threading
 from pathlib import Path
 
-from rmbgd.fsops import TEMP_SUFFIX as TEMP_TAG, move_unique, publish_bytes
+from rmbgd.output.fsops import TEMP_SUFFIX as TEMP_TAG, move_unique, publish_bytes
 
 
 def test_publish_writes_whole_file_and_leaves_no_temp(tmp_path):
@@ -93,7 +93,7 @@ def test_move_symlink_keeps_target_untouched(tmp_path):
 def test_regression_remove_file_when_its_emptied_folder_is_removed_at_once(tmp_path, monkeypatch):
     # Seen as a file retried forever: release_dirs (another file of the same work folder)
     # removed the folder between the unlink and its fsync, and the delivery was judged failed.
-    from rmbgd import fsops
+    from rmbgd.output import fsops
 
     folder = tmp_path / "work" / "crop"
     folder.mkdir(parents=True)

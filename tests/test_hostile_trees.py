@@ -337,7 +337,7 @@ def test_regression_dead_peer_symlink_target_is_never_read(daemons, folders, tmp
 def test_walk_passes_over_folders_it_cannot_enter(tmp_path):
     # A tree deeper than PATH_MAX (4096 bytes) can be made with relative paths; a scan that
     # meets it must go on with the rest instead of ending the daemon's main loop.
-    from rmbgd.fsops import walk_files
+    from rmbgd.output.fsops import walk_files
 
     (tmp_path / "ok.png").write_bytes(b"x")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)

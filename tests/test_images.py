@@ -1,4 +1,4 @@
-"""Tests for rmbgd.images: decoding every supported mode/format, failures, PNG encoding."""
+"""Tests for rmbgd.imaging.images: decoding every supported mode/format, failures, PNG encoding."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
-from rmbgd import images
-from rmbgd.images import (
+from rmbgd.imaging import images
+from rmbgd.imaging.images import (
     SUPPORTED_FORMATS,
     DecodedImage,
     ImageError,
@@ -1146,7 +1146,7 @@ def test_decode_combine_encode_end_to_end(tmp_path):
 
 
 def test_importing_does_not_pull_in_torch():
-    code = "import sys, rmbgd.images; sys.exit('torch' in sys.modules)"
+    code = "import sys, rmbgd.imaging.images; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

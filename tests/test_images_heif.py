@@ -12,8 +12,8 @@ import pillow_heif
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
-from rmbgd import images
-from rmbgd.images import ImageError, decode_image
+from rmbgd.imaging import images
+from rmbgd.imaging.images import ImageError, decode_image
 
 W, H = 40, 30
 SIZE = 16

@@ -18,7 +18,7 @@ import pytest
 import structlog
 import yaml
 
-from rmbgd import logs
+from rmbgd.ops import logs
 from tests.support.daemon import REPO, base_config, subprocess_env, write_config
 from tests.support.photos import pattern, save
 

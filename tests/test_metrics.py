@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 import yaml
 
-from rmbgd import metrics
-from rmbgd.config import parse_config
+from rmbgd.ops import metrics
+from rmbgd.config.settings import parse_config
 from tests.support.daemon import REPO
 
 pytest.importorskip("prometheus_client")

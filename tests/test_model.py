@@ -1,4 +1,4 @@
-"""rmbgd.model: loading a model the way BiRefNet is loaded, and predicting masks.
+"""rmbgd.model.segmenter: loading a model the way BiRefNet is loaded, and predicting masks.
 
 Everything runs on CPU without network: the model is a tiny custom-code
 checkpoint built on the fly (tests/support/tinymodel.py) and loaded through
@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-import rmbgd.model as model_module
-from rmbgd.model import (
+import rmbgd.model.segmenter as model_module
+from rmbgd.model.segmenter import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelLoadError,
@@ -53,7 +53,7 @@ SIDE = 64  # the model input size for these tests; BiRefNet uses 1024
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Stand-in for rmbgd.config.ModelConfig (same attributes)."""
+    """Stand-in for rmbgd.config.settings.ModelConfig (same attributes)."""
 
     name: str = "ZhengPeng7/BiRefNet"
     device: str = "cpu"
@@ -251,10 +251,10 @@ def test_predict_rejects_mismatched_sizes(segmenter):
 
 
 def test_warmup(tiny_dir, monkeypatch):
-    # What the daemon does before `ready` (rmbgd.daemon.load_model), observed: the warm-up
+    # What the daemon does before `ready` (rmbgd.runtime.daemon.load_model), observed: the warm-up
     # runs the model once at the configured size in float32 weights, settles on them (no
     # silent fallback to autocast or to an uncompiled model), and says so in the log.
-    from rmbgd.daemon import load_model
+    from rmbgd.runtime.daemon import load_model
 
     ran = []
     real_warmup = Segmenter.warmup
@@ -791,7 +791,7 @@ class WithBuffers(torch.nn.Module):
 
 
 def test_missing_keys_are_learned_unless_the_model_computes_them():
-    from rmbgd.model import _classify_missing
+    from rmbgd.model.segmenter import _classify_missing
 
     missing = ["conv.weight", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "index_table"]
     learned, computed = _classify_missing(WithBuffers(), missing)
@@ -813,7 +813,7 @@ def transformers_load_report(name: str) -> str:
 def test_regression_library_messages_are_one_clean_line_each():
     import warnings as python_warnings
 
-    from rmbgd.model import library_messages
+    from rmbgd.model.segmenter import library_messages
 
     log = RecordingLog()
     with python_warnings.catch_warnings(), library_messages(log):
@@ -843,7 +843,7 @@ def test_regression_library_messages_are_one_clean_line_each():
 
 
 def test_library_messages_leave_the_transformers_logger_as_it_was():
-    from rmbgd.model import library_messages
+    from rmbgd.model.segmenter import library_messages
 
     library_logger = logging.getLogger("transformers")
     before = (library_logger.propagate, list(library_logger.handlers))
@@ -1257,7 +1257,7 @@ def test_cpu_threads_respect_omp_num_threads(tiny_dir, monkeypatch):
     load_segmenter(ModelConfig(name=str(tiny_dir)))
     assert calls == []
     monkeypatch.delenv("OMP_NUM_THREADS")
-    from rmbgd import cpus
+    from rmbgd.config import cpus
 
     monkeypatch.setattr(cpus, "available_cpus", lambda: 4)
     load_segmenter(ModelConfig(name=str(tiny_dir)))
@@ -1319,7 +1319,7 @@ def test_revision_selects_the_cached_snapshot(tmp_path, monkeypatch, empty_hub_c
 def test_resize_input_matches_the_decoders_filter(segmenter, size):
     # The pipeline resizes with the segmenter's torch kernels (faster than Pillow's on a busy
     # CPU); the model must see what the decoder's Pillow resize gives, to within one level.
-    from rmbgd.sizing import resize_rgb
+    from rmbgd.imaging.sizing import resize_rgb
 
     rng = np.random.default_rng(7)
     coarse = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)

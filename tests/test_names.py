@@ -2,7 +2,7 @@ from pathlib import PurePath
 
 import pytest
 
-from rmbgd.names import is_ignored
+from rmbgd.intake.names import is_ignored
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd import notify
-from rmbgd.notify import Notifier, socket_address, watchdog_interval
+from rmbgd.ops import notify
+from rmbgd.ops.notify import Notifier, socket_address, watchdog_interval
 
 # sun_path holds 108 bytes; a deep TMPDIR must not turn into a bind() error.
 MAX_SUN_PATH = 100

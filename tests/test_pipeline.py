@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rmbgd.config import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
-from rmbgd.job import Counters, Job
-from rmbgd.pipeline import OUT_OF_GPU_MEMORY, Pipeline
-from rmbgd.publisher import Publisher
-from rmbgd.workarea import Claim
+from rmbgd.config.settings import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
+from rmbgd.batching.job import Counters, Job
+from rmbgd.batching.pipeline import OUT_OF_GPU_MEMORY, Pipeline
+from rmbgd.output.publisher import Publisher
+from rmbgd.intake.workarea import Claim
+from rmbgd.runtime.stages import image_stages
 
 WAIT_S = 30.0
 FOREVER_MS = 60_000  # batches then go out only when full, which makes them deterministic
@@ -122,6 +123,7 @@ class Harness:
             self.counters,
             self.log,
             on_finished=on_finished or self.finished.put,
+            stages=image_stages(),
         )
         self.pipeline.start()
 
@@ -421,7 +423,7 @@ def test_regression_images_decoded_during_a_model_call_join_one_batch(harness):
 
 
 class TimedSegmenter(FakeSegmenter):
-    """A FakeSegmenter whose warm-up measured its calls (see rmbgd.model.Segmenter._time_calls)
+    """A FakeSegmenter whose warm-up measured its calls (see rmbgd.model.segmenter.Segmenter._time_calls)
     and that resizes model inputs itself, recording what it was asked to resize."""
 
     def __init__(self, call_timings, **kwargs) -> None:
@@ -520,7 +522,7 @@ class ThreadRecordingSegmenter:
 
 
 def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model):
-    from rmbgd.model import load_segmenter
+    from rmbgd.model.segmenter import load_segmenter
     from tests.support.tinymodel import alpha_for_rgb
 
     real = load_segmenter(ModelConfig(name=str(tiny_model), device="cpu", input_size=64))
@@ -545,7 +547,7 @@ def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model)
 
 
 def test_the_next_batch_is_staged_while_the_model_runs_and_left_claimed_on_stop(harness, tiny_model):
-    from rmbgd.model import load_segmenter
+    from rmbgd.model.segmenter import load_segmenter
 
     class Gated(ThreadRecordingSegmenter):
         """The first model call waits for the test, so a second batch gets staged meanwhile."""

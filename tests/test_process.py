@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rmbgd.fsops import OwnerLock, write_temp
-from rmbgd.oneshot import default_owner
+from rmbgd.output.fsops import OwnerLock, write_temp
+from rmbgd.runtime.oneshot import default_owner
 from tests.support.daemon import REPO, subprocess_env, write_config
 from tests.support.hostile import OpenWatch
 from tests.support.photos import check_output, interior, pattern, save
@@ -477,7 +477,7 @@ class _CountingPipeline:
 
     peak = 0
 
-    def __init__(self, cfg, segmenter, publisher, counters, log, on_finished) -> None:
+    def __init__(self, cfg, segmenter, publisher, counters, log, on_finished, stages) -> None:
         self._counters = counters
         self._on_finished = on_finished
         self._jobs: "queue.Queue" = queue.Queue()
@@ -512,8 +512,8 @@ class _CountingPipeline:
 
 def test_never_more_files_in_flight_than_configured(monkeypatch, tmp_path):
     # In-process with a stand-in pipeline: 300 inputs must never be decoded all at once.
-    from rmbgd import daemon, oneshot
-    from rmbgd.config import parse_config
+    from rmbgd.runtime import daemon, oneshot
+    from rmbgd.config.settings import parse_config
 
     monkeypatch.setattr(oneshot, "Pipeline", _CountingPipeline)
     monkeypatch.setattr(daemon, "load_model", lambda cfg, log: type("Seg", (), {"device": "cpu", "dtype": "float32"})())

@@ -7,7 +7,7 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from rmbgd.config import (
+from rmbgd.config.settings import (
     MASK_ALSO,
     MASK_NONE,
     MASK_ONLY,
@@ -16,7 +16,7 @@ from rmbgd.config import (
     Padding,
     load_config,
 )
-from rmbgd.profiles import GlobError, compile_glob, glob_problem
+from rmbgd.config.profiles import GlobError, compile_glob, glob_problem
 
 PATHS = """\
 paths:

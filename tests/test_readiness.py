@@ -1,6 +1,6 @@
 """Readiness rules with a fake clock and a fake stat: no sleeping, no disk."""
 
-from rmbgd.readiness import Readiness, Seen
+from rmbgd.intake.readiness import Readiness, Seen
 
 A = "inbox/a.jpg"
 

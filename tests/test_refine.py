@@ -1,4 +1,4 @@
-"""Tests for rmbgd.refine: foreground colours in the soft border, against a known truth."""
+"""Tests for rmbgd.model.refine: foreground colours in the soft border, against a known truth."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rmbgd import refine
-from rmbgd.refine import estimate_foreground
+from rmbgd.model import refine
+from rmbgd.model.refine import estimate_foreground
 
 
 class Scene(NamedTuple):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from rmbgd.compose import SUBJECT_THRESHOLD
-from rmbgd.config import MASK_ALSO, MASK_ONLY, OutputConfig, Padding
-from rmbgd.images import DecodedImage
-from rmbgd.render import EMPTY_MASK, RenderError, render
+from rmbgd.render.compose import SUBJECT_THRESHOLD
+from rmbgd.config.settings import MASK_ALSO, MASK_ONLY, OutputConfig, Padding
+from rmbgd.imaging.images import DecodedImage
+from rmbgd.render.render import EMPTY_MASK, RenderError, render
 
 W, H = 120, 80
 # The subject: a rectangle with a soft 6-pixel ramp on the left, at known coordinates.
@@ -199,7 +199,10 @@ def test_refine_foreground_removes_the_old_background_from_the_edge():
 
     out_cfg = OutputConfig(background=(255, 255, 255))
     (plain,) = render(decoded(composite), mask, out_cfg)
-    (refined,) = render(decoded(composite), mask, dataclasses.replace(out_cfg, refine_foreground=True))
+    from rmbgd.model.refine import estimate_foreground
+
+    refined_cfg = dataclasses.replace(out_cfg, refine_foreground=True)
+    (refined,) = render(decoded(composite), mask, refined_cfg, refine=estimate_foreground)
     ideal = np.rint(a * foreground + (1.0 - a) * 255.0)
 
     def error(data: bytes) -> float:
@@ -212,7 +215,7 @@ def test_refine_foreground_removes_the_old_background_from_the_edge():
 def test_regression_refine_out_of_gpu_memory_does_not_fail_the_image(monkeypatch):
     # The GPU is faked: refinement on "cuda:0" raises torch's out-of-memory error.
     torch = pytest.importorskip("torch")
-    from rmbgd import refine
+    from rmbgd.model import refine
 
     real = refine._estimate
 
@@ -224,6 +227,23 @@ def test_regression_refine_out_of_gpu_memory_does_not_fail_the_image(monkeypatch
     monkeypatch.setattr(refine, "_estimate", out_of_memory_on_gpu)
     rgb, mask = scene()
     out_cfg = OutputConfig(refine_foreground=True)
-    (on_gpu,) = render(decoded(rgb), mask, out_cfg, device="cuda:0")
-    (on_cpu,) = render(decoded(rgb), mask, out_cfg)
+    (on_gpu,) = render(decoded(rgb), mask, out_cfg, device="cuda:0", refine=refine.estimate_foreground)
+    (on_cpu,) = render(decoded(rgb), mask, out_cfg, refine=refine.estimate_foreground)
     assert np.array_equal(np.asarray(open_bytes(on_gpu.data)), np.asarray(open_bytes(on_cpu.data)))
+
+
+def test_render_hands_foreground_refinement_to_the_refine_it_is_given():
+    # render never imports torch: refinement is the caller's callable, run on the caller's device.
+    rgb, mask = scene()
+    calls = []
+
+    def refine(rgb, alpha, *, device):
+        calls.append((rgb.shape, alpha.shape, device))
+        return np.zeros_like(rgb)
+
+    out_cfg = OutputConfig(refine_foreground=True)
+    (only,) = render(decoded(rgb), mask, out_cfg, device="cuda:1", refine=refine)
+    assert calls == [(rgb.shape, mask.shape, "cuda:1")]
+    assert not np.asarray(open_bytes(only.data).convert("RGB")).any()
+    with pytest.raises(TypeError, match="refine"):
+        render(decoded(rgb), mask, out_cfg)

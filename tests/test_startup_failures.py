@@ -26,10 +26,11 @@ import structlog
 import yaml
 from watchdog.observers import inotify_c
 
-from rmbgd import cli, statusfile
-from rmbgd.daemon import Daemon
-from rmbgd.watcher import describe_watch_error
-from rmbgd.workarea import default_instance_name
+from rmbgd import cli
+from rmbgd.ops import statusfile
+from rmbgd.runtime.daemon import Daemon
+from rmbgd.intake.watcher import describe_watch_error
+from rmbgd.intake.workarea import default_instance_name
 from tests.support.daemon import REPO, base_config, subprocess_env
 from tests.support.daemon import write_config as write_daemon_config
 from tests.support.tinymodel import build_tiny_model, edit_weights

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmbgd import statusfile
-from rmbgd.config import parse_config
-from rmbgd.statusfile import (
+from rmbgd.ops import statusfile
+from rmbgd.config.settings import parse_config
+from rmbgd.ops.statusfile import (
     EXIT_NOT_RUNNING,
     EXIT_RUNNING,
     EXIT_UNKNOWN,

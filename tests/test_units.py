@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd.daemon import DRAIN_TIMEOUT_SECONDS
+from rmbgd.runtime.daemon import DRAIN_TIMEOUT_SECONDS
 from tests.support.daemon import REPO
 
 UNITS = REPO / "systemd"

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent
 
-from rmbgd.readiness import Seen
-from rmbgd.watcher import SCAN_DIR, WANTED_EVENTS, Watcher, scan
+from rmbgd.intake.readiness import Seen
+from rmbgd.intake.watcher import SCAN_DIR, WANTED_EVENTS, Watcher, scan
 
 
 @pytest.fixture
@@ -232,7 +232,7 @@ def test_move_across_a_bind_mount_is_a_copy_that_closes(watched, tmp_path, bind_
 def test_handler_translates_one_sided_moves():
     from watchdog.events import DirMovedEvent, FileCreatedEvent, FileMovedEvent
 
-    from rmbgd.watcher import _Handler
+    from rmbgd.intake.watcher import _Handler
 
     inbox = Path("/in")
     got = []

@@ -8,8 +8,8 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from rmbgd.fsops import OwnerLock, owner_of_temp, owner_tag, remove_orphan_temps, temp_path_for, write_temp
-from rmbgd.workarea import Claim, WorkArea, special_file_reason
+from rmbgd.output.fsops import OwnerLock, owner_of_temp, owner_tag, remove_orphan_temps, temp_path_for, write_temp
+from rmbgd.intake.workarea import Claim, WorkArea, special_file_reason
 from tests.support.hostile import make_socket
 
 
@@ -78,7 +78,7 @@ def test_live_instance_files_are_not_adopted(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from rmbgd.workarea import WorkArea\n"
+        "from rmbgd.intake.workarea import WorkArea\n"
         "w = WorkArea(Path(sys.argv[1]), instance='peer')\n"
         "w.open()\n"
         "w.claim(Path(sys.argv[1]) / 'x.jpg')\n"

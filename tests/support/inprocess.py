@@ -1,7 +1,7 @@
 """The real daemon in a background thread of the test process, with a fake model.
 
-What is real: `rmbgd.daemon.Daemon` and everything it drives (config objects from
-`rmbgd.config.parse_config`, folders under the test's tmp_path, the inotify watcher, the work
+What is real: `rmbgd.runtime.daemon.Daemon` and everything it drives (config objects from
+`rmbgd.config.settings.parse_config`, folders under the test's tmp_path, the inotify watcher, the work
 area, the pipeline and its pools, the publisher). What is fake: the segmenter (a mask computed
 from the pixels, no torch: red-ish pixels opaque, blue-ish transparent, see `FakeSegmenter`)
 and the retry delays (milliseconds instead of seconds). A daemon starts in well under a
@@ -48,8 +48,8 @@ import pytest
 import structlog
 from PIL import Image
 
-from rmbgd.config import Config, parse_config
-from rmbgd.daemon import Daemon
+from rmbgd.config.settings import Config, parse_config
+from rmbgd.runtime.daemon import Daemon
 
 WAIT_S = 30.0
 JOIN_S = 30.0
@@ -72,7 +72,7 @@ def fast_retry_delay(attempt: int) -> float:
 
 
 class FakeSegmenter:
-    """A segmenter the pipeline accepts (see rmbgd.model.Segmenter): `predict` on the decoded
+    """A segmenter the pipeline accepts (see rmbgd.model.segmenter.Segmenter): `predict` on the decoded
     model inputs, `warmup`, `device`, `dtype`. The mask is 255 where a pixel is more red than
     blue, at the original's size: deterministic, so outputs can be checked."""
 
@@ -283,7 +283,7 @@ class InProcessDaemons:
 
 def capture_thread_crashes(daemons: InProcessDaemons) -> Callable[[threading.ExceptHookArgs], None]:
     """A threading.excepthook that files a thread's uncaught exception as `thread_crashed` in
-    every running daemon's log (as rmbgd.logs does in production)."""
+    every running daemon's log (as rmbgd.ops.logs does in production)."""
 
     def hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is SystemExit:

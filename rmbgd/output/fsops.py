@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from rmbgd.backoff import NAME_ERRNOS as _NAME_ERRNOS
+from rmbgd.output.backoff import NAME_ERRNOS as _NAME_ERRNOS
 
 TEMP_SUFFIX = ".rmbgd-tmp"
 # `.<owner tag>.rmbgd-owner`, flock()ed by an owner that has no work folder (`rmbgd process`)

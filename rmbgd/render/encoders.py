@@ -1,7 +1,7 @@
-"""WebP and JPEG encoders for results (PNG lives in rmbgd.images, written by hand for speed).
+"""WebP and JPEG encoders for results (PNG lives in rmbgd.imaging.images, written by hand for speed).
 
 Pillow + numpy only, never torch. Both take the same pixel arrays as
-:func:`rmbgd.images.encode_png` and embed the input's ICC profile and EXIF when given.
+:func:`rmbgd.imaging.images.encode_png` and embed the input's ICC profile and EXIF when given.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 from PIL import Image
 
-from rmbgd.images import _EXIF_PREFIX, _checked_pixels, _rgba_rows, _tiff_exif
+from rmbgd.imaging.images import EXIF_PREFIX, checked_pixels, rgba_rows, tiff_exif
 
 __all__ = ["encode_jpeg", "encode_webp"]
 
@@ -58,7 +58,7 @@ def encode_webp(
     whose background is still under the mask took twice the time and 2-3x the size.
     ``exif`` is a TIFF-structured blob, with or without the ``Exif\\0\\0`` prefix.
     """
-    rgb, alpha = _checked_pixels(rgb, alpha)
+    rgb, alpha = checked_pixels(rgb, alpha)
     height, width = rgb.shape[:2]
     if max(height, width) > _WEBP_MAX_SIDE:
         raise ValueError(f"WebP cannot hold {width}x{height}: each side must be at most {_WEBP_MAX_SIDE}")
@@ -66,7 +66,7 @@ def encode_webp(
         image = Image.fromarray(rgb)
     else:
         # rmbgd's own interleave is several times faster than Pillow's putalpha/merge.
-        image = Image.frombuffer("RGBA", (width, height), _rgba_rows(rgb, alpha, False), "raw", "RGBA", 0, 1)
+        image = Image.frombuffer("RGBA", (width, height), rgba_rows(rgb, alpha, False), "raw", "RGBA", 0, 1)
     options: dict = {
         "lossless": True,
         "method": _WEBP_METHOD,
@@ -75,7 +75,7 @@ def encode_webp(
     }
     if icc_profile:
         options["icc_profile"] = icc_profile
-    exif = _tiff_exif(exif)
+    exif = tiff_exif(exif)
     if exif:
         options["exif"] = exif  # WebP's EXIF chunk holds the bare TIFF structure
     return _saved(image, "WEBP", options)
@@ -94,7 +94,7 @@ def encode_jpeg(
     without the ``Exif\\0\\0`` prefix; one too large for JPEG's single APP1 segment
     (over ~64 KB) is left out rather than failing the image.
     """
-    rgb, _ = _checked_pixels(rgb, None)
+    rgb, _ = checked_pixels(rgb, None)
     if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) or not 1 <= quality <= 100:
         raise ValueError(f"quality must be an integer from 1 to 100, got {quality!r}")
     height, width = rgb.shape[:2]
@@ -104,10 +104,10 @@ def encode_jpeg(
     options: dict = {"quality": int(quality), "subsampling": subsampling, "optimize": False}
     if icc_profile:
         options["icc_profile"] = icc_profile
-    exif = _tiff_exif(exif)
-    if exif and len(_EXIF_PREFIX) + len(exif) <= _JPEG_MAX_EXIF_BYTES:
+    exif = tiff_exif(exif)
+    if exif and len(EXIF_PREFIX) + len(exif) <= _JPEG_MAX_EXIF_BYTES:
         # Pillow writes the APP1 payload as given, and JPEG readers expect the prefix.
-        options["exif"] = _EXIF_PREFIX + exif
+        options["exif"] = EXIF_PREFIX + exif
     return _saved(Image.fromarray(rgb), "JPEG", options)
 
 

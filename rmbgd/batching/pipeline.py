@@ -37,15 +37,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-from rmbgd import backoff
-from rmbgd.backoff import Scheduler, Verdict, write_error_verdict
-from rmbgd.collector import BatchQueue
-from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
-from rmbgd.images import ImageError, decode_image
-from rmbgd.job import Counters, Job, ms_since
-from rmbgd.publisher import FinishingFailed, Publisher
-from rmbgd.render import RenderError, render
-from rmbgd.sizing import dynamic_input_size, resize_rgb
+from rmbgd.output import backoff
+from rmbgd.output.backoff import Scheduler, Verdict, write_error_verdict
+from rmbgd.batching.collector import BatchQueue
+from rmbgd.config.settings import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
+from rmbgd.batching.job import Counters, Job, ms_since
+from rmbgd.batching.stages import Stages
+from rmbgd.output.publisher import FinishingFailed, Publisher
 
 # The reason recorded for an image that does not fit in GPU memory even on its own.
 OUT_OF_GPU_MEMORY = "out of GPU memory"
@@ -68,8 +66,11 @@ class Pipeline:
         on_batch: Callable[[int, float], None] = lambda size, ms: None,
         retry_delay: Callable[[int], float] = backoff.retry_delay,
         max_parked: Optional[int] = None,
+        *,
+        stages: Stages,
     ) -> None:
         self._cfg = cfg
+        self._stages = stages
         self._retry_delay = retry_delay
         self._max_parked = effective_max_in_flight(cfg) if max_parked is None else max_parked
         # Parked jobs that keep an encoded result (by id), bounded by max_parked.
@@ -215,7 +216,7 @@ class Pipeline:
     def _decode(self, job: Job) -> None:
         start = time.monotonic()
         try:
-            image = decode_image(
+            image = self._stages.decode(
                 job.claim.path,
                 input_size=None if self._dynamic or self._resize is not None else self._decode_size,
                 max_pixels=self._cfg.input.max_pixels,
@@ -226,7 +227,7 @@ class Pipeline:
             if self._split:
                 image = dataclasses.replace(image, model_input=self._segmenter.prepare(image.model_input))
             job.image = image
-        except ImageError as exc:
+        except self._stages.decode_error as exc:
             self.fail(job, "decode", str(exc))
             return
         except Exception as exc:  # per-file boundary: one bad file must not stop the daemon
@@ -243,7 +244,7 @@ class Pipeline:
     def _model_size(self, width: int, height: int) -> Tuple[int, int]:
         """The (width, height) an image is run through the model at."""
         if self._dynamic:
-            return dynamic_input_size(width, height, self._model_cfg.max_input_size)
+            return self._stages.input_size(width, height, self._model_cfg.max_input_size)
         side = int(self._model_cfg.input_size)
         return (side, side)
 
@@ -254,7 +255,7 @@ class Pipeline:
         # The segmenter's own resize is the decoder's filter, faster (model.resize_input).
         if self._resize is not None:
             return self._resize(rgb, size)
-        return resize_rgb(rgb, size)
+        return self._stages.resize(rgb, size)
 
     def _stage_loop(self) -> None:
         """Take each batch as it comes due and get it ready for the model, while the model
@@ -309,7 +310,7 @@ class Pipeline:
         try:
             masks = self._infer(batch, staged)
         except Exception as exc:  # per-batch boundary: find the image that really fails
-            failure = (_describe(exc), _is_out_of_memory(exc))
+            failure = (_describe(exc), self._stages.is_out_of_memory(exc))
         # Retries happen only once the except block is left: until then the exception's
         # traceback keeps the failed call's frames, and with them its GPU tensors, alive.
         if failure is None:
@@ -350,7 +351,7 @@ class Pipeline:
             try:
                 (mask,) = self._infer([job])
             except Exception as exc:  # per-file boundary
-                if _is_out_of_memory(exc):
+                if self._stages.is_out_of_memory(exc):
                     self.fail(job, "inference", OUT_OF_GPU_MEMORY)
                 else:
                     self.fail(job, "inference", _describe(exc), exc_info=True)
@@ -384,9 +385,9 @@ class Pipeline:
             mask = job.mask
             if self._split:
                 mask = self._segmenter.finish(mask, (job.image.width, job.image.height))
-            job.files = render(job.image, mask, out, device=self._render_device)
+            job.files = self._stages.render(job.image, mask, out, device=self._render_device)
             job.ms["encode"] = ms_since(start)
-        except RenderError as exc:
+        except self._stages.render_error as exc:
             self.fail(job, exc.stage, str(exc))
             return
         except Exception as exc:  # per-file boundary
@@ -582,14 +583,6 @@ def _yield_to_model() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (OSError, AttributeError):
         return
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # Imported here: torch is loaded by then (the model raised this), and this module
-    # stays importable without it.
-    from rmbgd.model import is_out_of_memory
-
-    return is_out_of_memory(exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from rmbgd.config import (
+from rmbgd.config.settings import (
     BACKEND_AUTO,
     BACKEND_ONNXRUNTIME,
     BACKEND_OPENVINO,
@@ -186,7 +186,7 @@ def final_logits_module(model: Any) -> Any:
     """``model`` wrapped to return only its final logit map, which is all that gets exported."""
     import torch
 
-    from rmbgd.model import _final_logits
+    from rmbgd.model.segmenter import final_logits
 
     class FinalLogits(torch.nn.Module):
         def __init__(self) -> None:
@@ -194,7 +194,7 @@ def final_logits_module(model: Any) -> Any:
             self.inner = model
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return _final_logits(self.inner(pixels), pixels.shape[0])
+            return final_logits(self.inner(pixels), pixels.shape[0])
 
     return FinalLogits().eval()
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
-from rmbgd import __version__, logs
-from rmbgd.config import (
+from rmbgd import __version__
+from rmbgd.ops import logs
+from rmbgd.config.settings import (
     Config,
     ConfigError,
     effective_max_in_flight,
@@ -30,12 +31,13 @@ from rmbgd.config import (
     load_config,
     parse_config,
 )
-from rmbgd.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, shorten_name, walk_files
-from rmbgd.job import Counters, Job
-from rmbgd.names import is_ignored_name
-from rmbgd.pipeline import Pipeline, PublishError
-from rmbgd.publisher import Delivery
-from rmbgd.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
+from rmbgd.output.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, shorten_name, walk_files
+from rmbgd.batching.job import Counters, Job
+from rmbgd.intake.names import is_ignored_name
+from rmbgd.batching.pipeline import Pipeline, PublishError
+from rmbgd.output.publisher import Delivery
+from rmbgd.intake.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
+from rmbgd.runtime.stages import image_stages
 
 __all__ = [
     "EXIT_FAILED",
@@ -574,7 +576,7 @@ class Runner:
         if work.sources and not self.interrupted:
             self._report.loading(self._cfg.model.name)
             # Imported here, like the model itself: `--help` must stay quick.
-            from rmbgd.daemon import load_model_watching
+            from rmbgd.runtime.daemon import load_model_watching
 
             segmenter = load_model_watching(self._cfg, self._log, lambda: self._while_loading(started))
             if not self.interrupted:
@@ -608,7 +610,8 @@ class Runner:
 
     def _process_as(self, segmenter: Any, owner: str) -> bool:
         publisher = OneShotPublisher(self._plan.out, self._plan.done, owner)
-        pipeline = Pipeline(self._cfg, segmenter, publisher, self._counters, self._log, on_finished=self._finished)
+        pipeline = Pipeline(self._cfg, segmenter, publisher, self._counters, self._log, on_finished=self._finished,
+                            stages=image_stages())
         pipeline.start()
         self._log.info(
             "ready",

@@ -2,7 +2,7 @@
 
 Nothing of the user's is processed or changed: the model is looked for (a local folder, or
 the Hugging Face cache) but never downloaded, the folders are looked at but not created, and
-the pipeline runs on generated images with a built-in stand-in model (rmbgd.standin) into a
+the pipeline runs on generated images with a built-in stand-in model (rmbgd.model.standin) into a
 temporary folder. torch is imported only by the checks that need it, so `--help` and a
 failing config stay quick.
 """
@@ -101,7 +101,7 @@ def main(config_path: Optional[str], out: IO[str] = sys.stdout) -> int:
 
 
 def _load(config_path: Optional[str], report: Callable[[Result], None]) -> Any:
-    from rmbgd.config import ConfigError, load_config, parse_config
+    from rmbgd.config.settings import ConfigError, load_config, parse_config
 
     if not config_path:
         report(Result(SKIP, "config", "no --config given: checking the defaults (model.name, model.device)"))
@@ -119,7 +119,7 @@ def _load(config_path: Optional[str], report: Callable[[Result], None]) -> Any:
 
 
 def check_packages(model_cfg: Any) -> Result:
-    from rmbgd.hub import missing_packages_hint
+    from rmbgd.model.hub import missing_packages_hint
 
     found, missing = [], []
     needed = [module for module, _ in CORE_PACKAGES] + list(model_code_packages(model_cfg))
@@ -148,14 +148,14 @@ def model_code_packages(model_cfg: Any) -> Tuple[str, ...]:
                 continue
         return tuple(name for name in MODEL_CODE_PACKAGES if name in imported)
     if _BIREFNET_NAME_RE.search(model_cfg.name):
-        from rmbgd.hub import BIREFNET_EXTRA_PACKAGES
+        from rmbgd.model.hub import BIREFNET_EXTRA_PACKAGES
 
         return tuple(BIREFNET_EXTRA_PACKAGES) + ("torchvision",)
     return ()
 
 
 def _model_code_folder(model_cfg: Any) -> Optional[Path]:
-    from rmbgd.hub import is_local_path
+    from rmbgd.model.hub import is_local_path
 
     if is_local_path(model_cfg.name):
         path = Path(model_cfg.name).expanduser()
@@ -270,7 +270,7 @@ def _gpu_line(torch: Any, index: int) -> Result:
 
 
 def check_model(model_cfg: Any) -> Result:
-    from rmbgd.hub import is_local_path
+    from rmbgd.model.hub import is_local_path
 
     name = model_cfg.name
     if is_local_path(name):
@@ -285,16 +285,16 @@ def check_model(model_cfg: Any) -> Result:
         if problem:
             return Result(FAIL, "model", f"{name} in this machine's Hugging Face cache ({folder}): {problem}")
         return Result(OK, "model", f"{name} is in this machine's Hugging Face cache ({folder})")
-    from rmbgd.hub import _cache_dir, offline_mode
+    from rmbgd.model.hub import cache_dir, offline_mode
 
     fetch = (
         f"run `rmbgd fetch-model --config PATH` on a machine that can reach the Hugging Face hub, then "
-        f"copy its cache to {_cache_dir()} here, or use `--to DIR` and set model.name to that folder"
+        f"copy its cache to {cache_dir()} here, or use `--to DIR` and set model.name to that folder"
     )
-    missing = f"{name} is not in this machine's Hugging Face cache ({_cache_dir()})"
+    missing = f"{name} is not in this machine's Hugging Face cache ({cache_dir()})"
     if offline_mode():
         return Result(FAIL, "model", f"{missing} and HF_HUB_OFFLINE is set: {fetch}")
-    from rmbgd.hub import ModelLoadError, probe_hub
+    from rmbgd.model.hub import ModelLoadError, probe_hub
 
     # One quick request for config.json's metadata, as `rmbgd run` makes first; nothing is downloaded.
     try:
@@ -351,7 +351,7 @@ def _cached_file(model_cfg: Any, filename: str) -> Optional[str]:
 
 
 def check_folders(cfg: Any) -> List[Result]:
-    from rmbgd.config import check_folders as config_folder_problems
+    from rmbgd.config.settings import check_folders as config_folder_problems
 
     problems = config_folder_problems(cfg)
     if problems:
@@ -466,8 +466,10 @@ def check_pipeline(cfg: Any, device: str) -> Result:
 
 
 def _run_pipeline(cfg: Any, device: str, scratch: Path) -> Result:
-    from rmbgd import logs, oneshot, standin
-    from rmbgd.daemon import StartupError
+    from rmbgd.model import standin
+    from rmbgd.ops import logs
+    from rmbgd.runtime import oneshot
+    from rmbgd.runtime.daemon import StartupError
 
     inputs = _generate_images(scratch / "in", PIPELINE_IMAGES)
     model_dir = standin.build(scratch / "model")

@@ -40,8 +40,8 @@ def build(dest: Path) -> Path:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from rmbgd.standin.configuration_standin import StandInConfig
-    from rmbgd.standin.modeling_standin import StandInModel
+    from rmbgd.model.standin.configuration_standin import StandInConfig
+    from rmbgd.model.standin.modeling_standin import StandInModel
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
-from rmbgd.hub import ModelLoadError, _first_line, _log_info, locate_model, missing_packages_hint
-from rmbgd.sizing import dynamic_input_size
+from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.model.hub import ModelLoadError, first_line, log_info, locate_model, missing_packages_hint
+from rmbgd.imaging.sizing import dynamic_input_size
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -166,7 +166,7 @@ def _configure_cpu_threads() -> Optional[int]:
     # An operator's OMP_NUM_THREADS (read by torch at start-up) always wins.
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads()
-    from rmbgd.cpus import available_cpus  # the count config.effective_workers uses too
+    from rmbgd.config.cpus import available_cpus  # the count config.effective_workers uses too
 
     available = available_cpus()
     threads = cpu_threads(available)
@@ -221,7 +221,7 @@ class Segmenter:
         self._compiled = compiled
         self._log = log
         self._on_cuda = torch.device(device).type == "cuda"
-        # An exported graph (rmbgd.backends) that runs the model instead of torch on the CPU;
+        # An exported graph (rmbgd.model.backends) that runs the model instead of torch on the CPU;
         # the torch model stays loaded to take over if it fails its warm-up.
         self._runner = runner
         self.backend = runner.backend if runner is not None else "torch"
@@ -295,7 +295,7 @@ class Segmenter:
             pixels = self._upload(images, height, width)
             with self._autocast():
                 output = (self._compiled or self._model)(pixels)
-            logits = _final_logits(output, len(images))
+            logits = final_logits(output, len(images))
             # Sigmoid and resampling in fp32: cheap next to the model, and fp16
             # would cost a grey level near the top of the range.
             probs = logits.float().sigmoid()
@@ -372,14 +372,14 @@ class Segmenter:
         with torch.inference_mode():
             with self._autocast():
                 output = (self._compiled or self._model)(pixels)
-            return list(_final_logits(output, len(pixels)).float().unbind(0))
+            return list(final_logits(output, len(pixels)).float().unbind(0))
 
     def _run_exported(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         # Exports take batch 1; on a CPU a batch gains nothing over its images in turn.
         logits = []
         for index in range(len(pixels)):
             out = torch.from_numpy(np.asarray(self._runner(pixels[index : index + 1].numpy())))
-            logits.append(_final_logits(out, 1).float()[0])
+            logits.append(final_logits(out, 1).float()[0])
         return logits
 
     def finish(self, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -594,7 +594,7 @@ class Segmenter:
         getattr(self._log, level, self._log.info)(event, **fields)
 
 
-def _final_logits(output: Any, batch_size: int) -> torch.Tensor:
+def final_logits(output: Any, batch_size: int) -> torch.Tensor:
     """The final (B, 1, H, W) logit map out of whatever the model's forward returned."""
     if isinstance(output, torch.Tensor):
         logits = output
@@ -626,7 +626,7 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
     name = cfg.name
     on_cuda = torch.device(device).type == "cuda"
     threads = None if on_cuda else _configure_cpu_threads()
-    _log_info(log, "model_loading", name=name, device=device, dtype=dtype)
+    log_info(log, "model_loading", name=name, device=device, dtype=dtype)
     started = time.perf_counter()
 
     _quiet_library_output()
@@ -640,7 +640,7 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
         ) from exc
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"model.device: cannot move '{name}' to {device}: {_first_line(exc)}"
+            f"model.device: cannot move '{name}' to {device}: {first_line(exc)}"
         ) from exc
     configure_backends(device, input_size)
     runner, backend_fields = _exported_backend(cfg, model, source, device, dtype, input_size, threads, log)
@@ -655,7 +655,7 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
     if compiled is not None:
         fields["compiled"] = True
     fields["ms"] = round((time.perf_counter() - started) * 1000.0, 1)
-    _log_info(log, "model_loaded", **fields)
+    log_info(log, "model_loaded", **fields)
     return Segmenter(
         model,
         name=name,
@@ -685,7 +685,7 @@ def _exported_backend(
     An export or runtime failure is never a reason not to start: torch runs the model and
     model_loaded says why (backend_fallback_reason).
     """
-    from rmbgd import backends
+    from rmbgd.model import backends
 
     wanted = getattr(cfg, "backend", "torch")
     backend, reason = backends.choose_backend(
@@ -699,7 +699,7 @@ def _exported_backend(
         try:
             folder, local = _model_folder(cfg, source)
             # A first export takes minutes at 1024 on a small CPU; say so before going quiet.
-            _log_info(log, "model_backend_loading", backend=backend, input_size=input_size)
+            log_info(log, "model_backend_loading", backend=backend, input_size=input_size)
             with library_messages(log):
                 runner, exported = backends.build_runner(
                     backend, model, folder, int(input_size), threads, local=local
@@ -721,7 +721,7 @@ def _exported_backend(
 
 def _model_folder(cfg: Any, source: str) -> tuple[str, bool]:
     """(the folder holding the model's files, whether it is the user's own folder)."""
-    from rmbgd import backends
+    from rmbgd.model import backends
 
     if os.path.isdir(source):
         return source, True
@@ -804,7 +804,7 @@ def _load_model(
                 f"{len(computed)} buffer(s) missing from the checkpoint would be left "
                 f"uninitialised ({_some(computed)})"
             )
-        _log_info(log, "model_legacy_fallback", name=name, reason=legacy_reason)
+        log_info(log, "model_legacy_fallback", name=name, reason=legacy_reason)
         try:
             return _load_legacy(cfg, source, hub_kwargs, torch_dtype), LOADER_LEGACY
         except ModelLoadError:
@@ -992,7 +992,7 @@ def _raise_weight_problems(
         ]
         problems.append(f"{len(mismatched)} tensor(s) of the wrong shape ({_some(shown)})")
     if errors:
-        problems.append(f"{len(errors)} loading error(s) ({_first_line(errors[0])})")
+        problems.append(f"{len(errors)} loading error(s) ({first_line(errors[0])})")
     if problems:
         raise ModelLoadError(
             f"model.name: cannot load '{name}': its weights do not match its code: "
@@ -1042,7 +1042,7 @@ def _some(keys: Sequence[str], limit: int = 3) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from rmbgd.workarea import Claim
+from rmbgd.intake.workarea import Claim
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Job:
     image: Any = None               # DecodedImage once decoded
     mask: Any = None                # (h, w) uint8 once inferred
     batch: Optional[int] = None
-    files: Optional[list] = None    # the encoded outputs (render.OutputFile), kept until safely published
+    files: Optional[list] = None    # the encoded outputs (output.files.OutputFile), kept until safely published
     size: tuple = (0, 0)            # (width, height), kept after the pixels are released
     attempts: int = 0               # publish/reject retries after environment errors
     parked: bool = False            # waiting for a retry without holding an in-flight slot

@@ -82,7 +82,7 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 _FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF"}
 
 _EXIF_ORIENTATION = 0x0112
-_EXIF_PREFIX = b"Exif\x00\x00"
+EXIF_PREFIX = b"Exif\x00\x00"
 _TIFF_HEADERS = (b"II*\x00", b"MM\x00*")
 # First-IFD tags worth carrying into an output: who took the photo, when, with what, and the
 # pointers to the Exif and GPS sub-IFDs (kept whole). Everything else there is dropped: in a
@@ -262,15 +262,15 @@ def encode_png(
     measured several times faster than Pillow's per-row adaptive filtering at level 1, at
     a similar size. Any conforming decoder reads the result back to the exact same pixels.
     """
-    rgb, alpha = _checked_pixels(rgb, alpha)
+    rgb, alpha = checked_pixels(rgb, alpha)
     _check_compress_level(compress_level)
-    exif = _tiff_exif(exif)
+    exif = tiff_exif(exif)
     height, width = rgb.shape[:2]
     if alpha is None:
         rows = rgb.reshape(height, 3 * width)
         colour_type = 2
     else:
-        rows = _rgba_rows(rgb, alpha, clean_transparent)
+        rows = rgba_rows(rgb, alpha, clean_transparent)
         colour_type = 6
     scanlines = _up_filtered(rows)
     del rows  # the RGBA interleave is a full copy; free it before deflate allocates
@@ -521,7 +521,7 @@ def _exif_for_output(exif: Image.Exif | None) -> bytes | None:
         # show up here (TypeError included: the TIFF writer raises it for odd value types).
         # The pixels are fine; the result simply goes without EXIF.
         return None
-    blob = blob[len(_EXIF_PREFIX) :] if blob.startswith(_EXIF_PREFIX) else blob
+    blob = blob[len(EXIF_PREFIX) :] if blob.startswith(EXIF_PREFIX) else blob
     return blob if blob.startswith(_TIFF_HEADERS) else None
 
 
@@ -652,10 +652,10 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- encoding
 
 
-def _checked_pixels(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+def checked_pixels(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """``rgb`` (h, w, 3) and ``alpha`` (h, w) or None as C-contiguous uint8, or ValueError.
 
-    Shared with rmbgd.encoders so every output format accepts and refuses the same input.
+    Shared with rmbgd.render.encoders so every output format accepts and refuses the same input.
     """
     rgb = _require_uint8(rgb, "rgb", ndim=3)
     if rgb.shape[2] != 3:
@@ -671,7 +671,7 @@ def _checked_pixels(rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarr
     return rgb, alpha
 
 
-def _tiff_exif(exif: bytes | None) -> bytes | None:
+def tiff_exif(exif: bytes | None) -> bytes | None:
     """The bare TIFF-structured EXIF blob that PNG's eXIf chunk and WebP's EXIF chunk hold.
 
     Also takes the blob with JPEG's ``Exif\\0\\0`` prefix, since that is what Pillow's own
@@ -682,8 +682,8 @@ def _tiff_exif(exif: bytes | None) -> bytes | None:
     if not isinstance(exif, (bytes, bytearray)):
         raise TypeError(f"exif must be bytes, got {type(exif).__name__}")
     exif = bytes(exif)
-    if exif.startswith(_EXIF_PREFIX):
-        exif = exif[len(_EXIF_PREFIX) :]
+    if exif.startswith(EXIF_PREFIX):
+        exif = exif[len(EXIF_PREFIX) :]
     if not exif:
         return None
     if not exif.startswith(_TIFF_HEADERS):
@@ -711,7 +711,7 @@ def _require_uint8(array: np.ndarray, name: str, *, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _rgba_rows(rgb: np.ndarray, alpha: np.ndarray, clean_transparent: bool) -> np.ndarray:
+def rgba_rows(rgb: np.ndarray, alpha: np.ndarray, clean_transparent: bool) -> np.ndarray:
     """Interleave C-contiguous ``rgb`` and ``alpha`` into (h, 4 * w) bytes of RGBA rows.
 
     Each pixel is read as one little-endian 32-bit word starting at its red byte (a view

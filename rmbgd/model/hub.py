@@ -147,12 +147,12 @@ def probe_hub(name: str, revision: Optional[str]) -> Optional[str]:
         ) from exc
     except errors.HfHubHTTPError as exc:
         # Server errors, rate limits, a proxy refusing: the cache may still do.
-        return _first_line(exc)
+        return first_line(exc)
     except Exception as exc:  # noqa: BLE001
         # DNS, refused connections, TLS and timeouts surface as the HTTP
         # client's own exception types, which huggingface_hub does not
         # re-export; any of them means "the hub is out of reach".
-        return f"{type(exc).__name__}: {_first_line(exc)}"
+        return f"{type(exc).__name__}: {first_line(exc)}"
     return None
 
 
@@ -167,7 +167,7 @@ def _hub_needs_cache(cfg: Any, log: Any) -> bool:
         unreachable = probe_hub(name, revision)
         if unreachable is None:
             return False
-        _log_info(log, "model_hub_unreachable", name=name, error=unreachable)
+        log_info(log, "model_hub_unreachable", name=name, error=unreachable)
 
     cached = huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision)
     if isinstance(cached, str):
@@ -177,7 +177,7 @@ def _hub_needs_cache(cfg: Any, log: Any) -> bool:
     example = name.rstrip("/").split("/")[-1]
     raise ModelLoadError(
         f"model.name: cannot download '{name}'{at} from the Hugging Face hub ({why}) and it is "
-        f"not in this machine's Hugging Face cache ({_cache_dir()}); run `rmbgd fetch-model --config PATH` "
+        f"not in this machine's Hugging Face cache ({cache_dir()}); run `rmbgd fetch-model --config PATH` "
         "where the hub is reachable to fill that cache, or, for an offline machine, copy the model "
         "folder to this machine and set model.name to that local directory, "
         f"e.g. model.name: /srv/rmbgd/models/{example}"
@@ -227,7 +227,7 @@ def fetch_model(cfg: Any, to: Optional[Path] = None) -> Path:
         # The model-loading boundary for downloads: network drops, full disks and
         # permission problems all end as one line for the operator.
         raise ModelLoadError(
-            f"model.name: downloading '{name}' failed: {type(exc).__name__}: {_first_line(exc)}"
+            f"model.name: downloading '{name}' failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     return Path(folder)
 
@@ -242,13 +242,13 @@ def missing_packages_hint(missing: list[str]) -> str:
     return f"pip install {' '.join(missing)}"
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
 
 
-def _log_info(log: Any, event: str, **fields: Any) -> None:
+def log_info(log: Any, event: str, **fields: Any) -> None:
     # Info, not warning: when the cache cannot stand in, the ModelLoadError says
     # it all, and an unconfigured root logger prints warnings to stderr.
     if log is not None:
@@ -257,7 +257,7 @@ def _log_info(log: Any, event: str, **fields: Any) -> None:
         _stdlib_log.info("%s %s", event, fields)
 
 
-def _first_line(value: object) -> str:
+def first_line(value: object) -> str:
     lines = str(value).strip().splitlines()
     return lines[0].strip() if lines else "(no message)"
 

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Deque, List, Optional, Set
 
 from rmbgd import __version__
-from rmbgd import backoff, logs
-from rmbgd.collector import CallCost
-from rmbgd.config import (
+from rmbgd.output import backoff
+from rmbgd.ops import logs
+from rmbgd.batching.collector import CallCost
+from rmbgd.config.settings import (
     Config,
     ConfigError,
     check_folders,
@@ -35,15 +36,16 @@ from rmbgd.config import (
     load_config,
     prepare_folders,
 )
-from rmbgd.fsops import remove_orphan_temps
-from rmbgd.job import Counters, Job
-from rmbgd.pipeline import Pipeline
-from rmbgd.publisher import Publisher
-from rmbgd.metrics import MetricsUnavailable
-from rmbgd.readiness import Readiness, Seen
-from rmbgd.service import Service
-from rmbgd.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
-from rmbgd.workarea import Claim, WorkArea, WorkAreaLocked, special_file_reason
+from rmbgd.output.fsops import remove_orphan_temps
+from rmbgd.batching.job import Counters, Job
+from rmbgd.batching.pipeline import Pipeline
+from rmbgd.output.publisher import Publisher
+from rmbgd.ops.metrics import MetricsUnavailable
+from rmbgd.intake.readiness import Readiness, Seen
+from rmbgd.ops.service import Service
+from rmbgd.runtime.stages import image_stages
+from rmbgd.intake.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
+from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked, special_file_reason
 
 TICK_SECONDS = 0.1
 # Posted by worker threads when a job finishes, so the main loop claims the next file at once.
@@ -65,7 +67,7 @@ def load_model(cfg: Config, log: Any) -> Any:
     """Load and warm up `cfg.model`; raises StartupError with the one-line reason."""
     # Imported here: torch and transformers take seconds to import, and `rmbgd check` or
     # `--help` should not pay for that.
-    from rmbgd.model import ModelLoadError, load_segmenter
+    from rmbgd.model.segmenter import ModelLoadError, load_segmenter
 
     try:
         segmenter = load_segmenter(cfg.model, log=log)
@@ -218,6 +220,7 @@ class Daemon:
             on_finished=self._job_finished,
             on_batch=self._service.batch_done,
             retry_delay=self.retry_delay,
+            stages=image_stages(),
         )
         self._pipeline.start()
         self._recover()

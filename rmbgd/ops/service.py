@@ -12,10 +12,10 @@ import threading
 import time
 from typing import Any, Dict, Iterator, Optional
 
-from rmbgd import metrics as metrics_mod
-from rmbgd.config import Config
-from rmbgd.notify import Notifier, Watchdog
-from rmbgd.statusfile import StatusWriter, default_state_dir
+from rmbgd.ops import metrics as metrics_mod
+from rmbgd.config.settings import Config
+from rmbgd.ops.notify import Notifier, Watchdog
+from rmbgd.ops.statusfile import StatusWriter, default_state_dir
 
 # While the model loads, ask systemd for this much more start time every EXTEND_EVERY seconds,
 # so a slow first download or a big checkpoint never trips TimeoutStartSec.

@@ -31,9 +31,9 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from rmbgd.fsops import walk_files
-from rmbgd.names import is_ignored
-from rmbgd.readiness import Seen, Signature
+from rmbgd.output.fsops import walk_files
+from rmbgd.intake.names import is_ignored
+from rmbgd.intake.readiness import Seen, Signature
 
 # A directory appeared: its contents have to be scanned (events for them may predate our watch).
 SCAN_DIR = "scan_dir"

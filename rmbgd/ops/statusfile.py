@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from rmbgd import __version__
-from rmbgd.names import PRIVATE_DIR
+from rmbgd.intake.names import PRIVATE_DIR
 
 SCHEMA = 1
 SUFFIX = ".json"

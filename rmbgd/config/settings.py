@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from rmbgd.cpus import available_cpus
-from rmbgd.profiles import GlobError, Profile, compile_glob, output_for
+from rmbgd.config.cpus import available_cpus
+from rmbgd.config.profiles import GlobError, Profile, compile_glob, output_for
 
 __all__ = [
     "BatchConfig",

@@ -69,13 +69,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 import torch
 import torch.nn.functional as nnf
 
-from rmbgd import logs
-from rmbgd.hub import _first_line
-from rmbgd.images import check_uint8
-from rmbgd.model import is_out_of_memory
+from rmbgd.model.hub import first_line
+from rmbgd.imaging.images import check_uint8
+from rmbgd.model.segmenter import is_out_of_memory
 
 __all__ = ["estimate_foreground"]
 
@@ -127,11 +127,13 @@ def estimate_foreground(rgb: np.ndarray, alpha: np.ndarray, *, device: str = "cp
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
-            error = f"{type(exc).__name__}: {_first_line(exc)}"
+            error = f"{type(exc).__name__}: {first_line(exc)}"
         # Hand what the failed attempt cached back to the model before going on.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    logs.get_logger().warning(
+    # structlog directly, under rmbgd's logger name (what ops.logs.get_logger() returns): the
+    # model layer does not import ops.
+    structlog.get_logger("rmbgd").warning(
         "refine_on_cpu",
         device=device,
         error=error,

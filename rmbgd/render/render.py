@@ -8,30 +8,19 @@ file is the result's own alpha, so it always lines up with the result pixel for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
-from rmbgd.compose import fit_within, over_background, subject_box
-from rmbgd.config import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
-from rmbgd.encoders import encode_jpeg, encode_webp
-from rmbgd.images import DecodedImage, combine_alpha, encode_grey_png, encode_png
+from rmbgd.render.compose import fit_within, over_background, subject_box
+from rmbgd.config.settings import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
+from rmbgd.render.encoders import encode_jpeg, encode_webp
+from rmbgd.imaging.images import DecodedImage, combine_alpha, encode_grey_png, encode_png
+from rmbgd.output.files import OutputFile
 
-__all__ = ["OutputFile", "RenderError", "render"]
+__all__ = ["RenderError", "render"]
 
 EMPTY_MASK = "no subject found (the mask is empty), so there is nothing to crop to"
-
-
-@dataclass(frozen=True, eq=False)
-class OutputFile:
-    """One file to publish for an input: `suffix` replaces the input's extension."""
-
-    suffix: str
-    data: bytes
-
-    def __repr__(self) -> str:
-        return f"OutputFile({self.suffix!r}, {len(self.data)} bytes)"
 
 
 class RenderError(Exception):
@@ -42,10 +31,23 @@ class RenderError(Exception):
         self.stage = stage
 
 
+# estimate_foreground's shape: (rgb, alpha, *, device) -> refined rgb.
+Refine = Callable[..., np.ndarray]
+
+
 def render(
-    image: DecodedImage, mask: np.ndarray, out: OutputConfig, *, device: str = "cpu"
+    image: DecodedImage,
+    mask: np.ndarray,
+    out: OutputConfig,
+    *,
+    device: str = "cpu",
+    refine: Optional[Refine] = None,
 ) -> List[OutputFile]:
-    """The files `out` asks for: the result, its mask, or both (result first)."""
+    """The files `out` asks for: the result, its mask, or both (result first).
+
+    `refine` (rmbgd.model.refine.estimate_foreground) is handed in by whoever runs the model:
+    it needs torch, which this layer never imports. Only `output.refine_foreground` needs it.
+    """
     alpha = combine_alpha(mask, image.alpha)
     rgb = image.rgb
     if out.crop:
@@ -59,7 +61,7 @@ def render(
     files = []
     if out.mask != MASK_ONLY:
         if out.refine_foreground:
-            rgb = _refined(rgb, alpha, device)
+            rgb = _refined(rgb, alpha, device, refine)
         exif = image.exif if out.keep_exif else None
         data = _encode(rgb, alpha, out, image.icc_profile, exif)
         files.append(OutputFile(FORMAT_SUFFIXES[out.format], data))
@@ -68,11 +70,10 @@ def render(
     return files
 
 
-def _refined(rgb: np.ndarray, alpha: np.ndarray, device: str) -> np.ndarray:
-    # Imported on first use: it needs torch, which only the model side has loaded.
-    from rmbgd.refine import estimate_foreground
-
-    return estimate_foreground(np.ascontiguousarray(rgb), np.ascontiguousarray(alpha), device=device)
+def _refined(rgb: np.ndarray, alpha: np.ndarray, device: str, refine: Optional[Refine]) -> np.ndarray:
+    if refine is None:
+        raise TypeError("render: output.refine_foreground is on but no refine function was given")
+    return refine(np.ascontiguousarray(rgb), np.ascontiguousarray(alpha), device=device)
 
 
 def _encode(

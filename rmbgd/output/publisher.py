@@ -29,8 +29,8 @@ from pathlib import Path, PurePath
 from typing import Any, List, Optional, Sequence, Tuple
 
 from rmbgd import __version__
-from rmbgd.config import PathsConfig
-from rmbgd.fsops import (
+from rmbgd.config.settings import PathsConfig
+from rmbgd.output.fsops import (
     find_linked,
     fsync_dir,
     link_unique,
@@ -43,8 +43,8 @@ from rmbgd.fsops import (
     write_file_durably,
     write_temp,
 )
-from rmbgd.render import OutputFile
-from rmbgd.workarea import Claim
+from rmbgd.output.files import OutputFile
+from rmbgd.intake.workarea import Claim
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Callable, Iterator, List, Optional
 
-from rmbgd.fsops import owner_tag, walk_files
-from rmbgd.names import PRIVATE_DIR
+from rmbgd.output.fsops import owner_tag, walk_files
+from rmbgd.intake.names import PRIVATE_DIR
 
 LOCK_NAME = ".lock"
 INTENT_SUFFIX = ".intent"

@@ -1,0 +1,1 @@
+"""Jobs, the dynamic-batching collector, and the pipeline that drives each file through the stages."""

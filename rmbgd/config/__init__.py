@@ -1,0 +1,1 @@
+"""Settings: the YAML schema and loading, per-file output profiles, usable CPU counts."""

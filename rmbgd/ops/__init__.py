@@ -1,0 +1,1 @@
+"""Operating it: JSON logs, systemd notify and watchdog, metrics, the status file."""

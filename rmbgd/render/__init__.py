@@ -1,0 +1,1 @@
+"""From image and mask to output bytes: crop, scale, background, encoders."""

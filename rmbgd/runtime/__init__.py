@@ -1,0 +1,1 @@
+"""The two ways rmbgd runs: the daemon (run) and one pass over files (process)."""
