@@ -296,9 +296,14 @@ def test_polling_mode_processes_files_by_stability(daemons, folders):
     check_output(folders.outbox / "sub" / "p.png", rgb)
 
 
-def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, tiny_model):
-    # The victim claims and decodes everything, then waits for a batch that is never due.
-    slow = daemons.config(name="slow.yaml", model={"name": str(tiny_model)}, batch={"size": 64, "max_wait_ms": 60000},
+def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, tiny_model, tmp_path):
+    from tests.support.tinymodel import build_tiny_model
+
+    # The victim claims and decodes everything, then holds it: its model takes 6 s a call, so
+    # a batch is not worth starting for 6 s (collector.CallCost: with one call size known, the
+    # whole call may be fixed cost) and then runs for 6 s more. Time enough to start a peer.
+    held = build_tiny_model(tmp_path / "six-seconds-a-call", delay_ms_per_call=6000.0)
+    slow = daemons.config(name="slow.yaml", model={"name": str(held)}, batch={"size": 64, "max_wait_ms": 60000},
                           logging={"level": "debug"})
     victim = daemons.start(slow)
     rgb = pattern(120, 120, (0.1, 0.1, 0.9, 0.9))
