@@ -457,3 +457,64 @@ def test_small_file_burst_still_fills_whole_batches_with_a_learnt_cost():
     assert sum(sizes) == 300
     assert sizes[0] <= 2  # what arrived within the 5 ms a call costs on top of its images
     assert sizes[1:-1] == [8] * (len(sizes) - 2)
+
+
+# -- urgent items (HTTP requests) go ahead ------------------------------------------------------
+
+
+def test_urgent_item_goes_first_in_its_group():
+    c = Collector(size=2, max_wait_seconds=0.2)
+    c.add("a", 1.0)
+    c.add("b", 1.1)
+    c.add("req", 1.2, urgent=True)
+    assert c.take(5.0) == ["req", "a"]
+    assert c.take(5.0) == ["b"]
+
+
+def test_due_group_holding_an_urgent_item_goes_before_older_groups():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.add("inbox", 1.0, key="small")
+    c.add("req", 2.0, key="large", urgent=True)
+    assert c.take(5.0) == ["req"]
+    assert c.take(5.0) == ["inbox"]
+
+
+def test_an_urgent_item_does_not_change_when_its_group_is_due():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.add("inbox", 1.0)
+    c.add("req", 4.0, urgent=True)
+    assert c.due_at() == pytest.approx(1.2)  # the oldest item still decides
+    assert c.take(5.0) == ["req", "inbox"]
+
+
+def test_a_request_behind_a_backlog_leaves_in_the_next_batch():
+    # 10,000 inbox files (the in-flight limit keeps the collector's share small, but the rule
+    # must not depend on it): the request rides in the very next model call.
+    c = Collector(size=8, max_wait_seconds=0.2)
+    for index in range(10_000):
+        c.add(index, ready_at=index * 0.001)
+    c.add("req", ready_at=10.5, urgent=True)
+    batch = c.take(11.0, full_only=True)
+    assert batch[0] == "req" and batch[1:] == list(range(7))
+
+
+def test_urgent_items_keep_their_own_arrival_order():
+    c = Collector(size=3, max_wait_seconds=0.2)
+    for name, ready in (("r2", 2.0), ("r1", 1.0), ("r3", 3.0)):
+        c.add(name, ready, urgent=True)
+    assert c.take(5.0) == ["r1", "r2", "r3"]
+
+
+def test_drain_returns_arrival_order_whatever_the_rank():
+    c = Collector(size=8, max_wait_seconds=0.2)
+    c.add("a", 1.0)
+    c.add("req", 2.0, urgent=True)
+    c.add("b", 3.0, key="other")
+    assert c.drain() == ["a", "req", "b"]
+
+
+def test_queue_puts_urgent_items_ahead():
+    q = BatchQueue(size=2, max_wait_seconds=60.0, clock=ManualClock(10.0))
+    q.put("a", ready_at=1.0)
+    q.put("req", ready_at=9.0, urgent=True)
+    assert q.get(timeout=0) == ["req", "a"]

@@ -27,6 +27,11 @@ a few milliseconds against ~40 ms per image, so a burst's first images start at 
 of after `max_wait`; a model whose calls cost mostly per call waits up to `max_wait` as
 before. Until calls have been seen, `max_wait` applies.
 
+Urgent items (HTTP requests, where someone waits for the answer) go ahead of the others: in
+their group they come first, and a due group holding one goes before other due groups, so a
+backlog of inbox files never makes a request wait behind it. Their group's timing is the same
+rule as any other's.
+
 `Collector` is the pure rule (the caller passes the time); `BatchQueue` wraps it for threads.
 """
 
@@ -40,12 +45,17 @@ from typing import Callable, Dict, Generic, Hashable, List, Optional, Tuple, Typ
 
 T = TypeVar("T")
 
-# (ready time, arrival order, item): ordered by the first two only.
-_Entry = Tuple[float, int, object]
+# (rank, ready time, arrival order, item), ordered by the first three only; rank 0 is urgent.
+_Entry = Tuple[int, float, int, object]
+_URGENT, _NORMAL = 0, 1
 
 
-def _order(entry: _Entry) -> Tuple[float, int]:
-    return entry[0], entry[1]
+def _order(entry: _Entry) -> Tuple[int, float, int]:
+    return entry[0], entry[1], entry[2]
+
+
+def _arrival(entry: _Entry) -> Tuple[float, int]:
+    return entry[1], entry[2]
 
 
 class CallCost:
@@ -86,8 +96,8 @@ class Collector(Generic[T]):
         self._max_wait = 0.0
         self.reconfigure(size, max_wait_seconds)
         self._costs: Dict[Hashable, CallCost] = {}
-        # Each group is sorted by (ready time, arrival order): items may finish decoding out
-        # of order, but the oldest one decides when the batch is due.
+        # Each group is sorted by (rank, ready time, arrival order): items may finish decoding
+        # out of order, and the oldest one, urgent or not, decides when the batch is due.
         self._groups: Dict[Hashable, List[_Entry]] = {}
         self._order = itertools.count()
         self._count = 0
@@ -115,15 +125,16 @@ class Collector(Generic[T]):
         fixed = self._costs[key].fixed() if key in self._costs else None
         return self._max_wait if fixed is None else min(self._max_wait, fixed)
 
-    def add(self, item: T, ready_at: float, key: Hashable = None) -> None:
+    def add(self, item: T, ready_at: float, key: Hashable = None, urgent: bool = False) -> None:
         entries = self._groups.setdefault(key, [])
-        bisect.insort(entries, (ready_at, next(self._order), item), key=_order)
+        rank = _URGENT if urgent else _NORMAL
+        bisect.insort(entries, (rank, ready_at, next(self._order), item), key=_order)
         self._count += 1
 
     def _group_due(self, key: Hashable, entries: List[_Entry], full_only: bool = False) -> float:
         if len(entries) >= self._size:
             return float("-inf")
-        return float("inf") if full_only else entries[0][0] + self._wait(key)
+        return float("inf") if full_only else _oldest(entries) + self._wait(key)
 
     def due_at(self, full_only: bool = False) -> Optional[float]:
         """When the next batch will be released if nothing else arrives (None: queue empty,
@@ -140,7 +151,7 @@ class Collector(Generic[T]):
         `full_only`: only a full batch (the model is busy, so a partial one would not run
         any sooner than the model is free, and may still grow until then)."""
         due = [
-            (_order(entries[0]), key)
+            ((entries[0][0], _oldest(entries)), key)
             for key, entries in self._groups.items()
             if self._group_due(key, entries, full_only) <= now
         ]
@@ -154,16 +165,21 @@ class Collector(Generic[T]):
         else:
             del self._groups[key]
         self._count -= len(batch)
-        return [entry[2] for entry in batch]
+        return [entry[3] for entry in batch]
 
     def drain(self) -> List[T]:
-        """Every waiting item, oldest first whatever its key; the collector is then empty."""
+        """Every waiting item, oldest first whatever its key or rank; the collector is then empty."""
         entries = sorted(
-            (entry for group in self._groups.values() for entry in group), key=_order
+            (entry for group in self._groups.values() for entry in group), key=_arrival
         )
         self._groups = {}
         self._count = 0
-        return [entry[2] for entry in entries]
+        return [entry[3] for entry in entries]
+
+
+def _oldest(entries: List[_Entry]) -> float:
+    # Groups are short: the in-flight limit bounds them.
+    return min(entry[1] for entry in entries)
 
 
 class BatchQueue(Generic[T]):
@@ -190,9 +206,9 @@ class BatchQueue(Generic[T]):
         with self._cond:
             return self._collector.size
 
-    def put(self, item: T, ready_at: Optional[float] = None, key: Hashable = None) -> None:
+    def put(self, item: T, ready_at: Optional[float] = None, key: Hashable = None, urgent: bool = False) -> None:
         with self._cond:
-            self._collector.add(item, self._clock() if ready_at is None else ready_at, key)
+            self._collector.add(item, self._clock() if ready_at is None else ready_at, key, urgent)
             self._cond.notify_all()
 
     def reconfigure(self, size: int, max_wait_seconds: float) -> None:
