@@ -75,7 +75,7 @@ import torch.nn.functional as nnf
 
 from rmbgd.model.hub import first_line
 from rmbgd.imaging.images import check_uint8
-from rmbgd.model.segmenter import is_out_of_memory
+from rmbgd.model.device import is_out_of_memory
 
 __all__ = ["estimate_foreground"]
 

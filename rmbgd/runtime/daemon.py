@@ -67,7 +67,8 @@ def load_model(cfg: Config, log: Any) -> Any:
     """Load and warm up `cfg.model`; raises StartupError with the one-line reason."""
     # Imported here: torch and transformers take seconds to import, and `rmbgd check` or
     # `--help` should not pay for that.
-    from rmbgd.model.segmenter import ModelLoadError, load_segmenter
+    from rmbgd.model.hub import ModelLoadError
+    from rmbgd.model.loading import load_segmenter
 
     try:
         segmenter = load_segmenter(cfg.model, log=log)

@@ -20,7 +20,7 @@ def _refine(rgb: Any, alpha: Any, *, device: str = "cpu") -> Any:
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     # Imported here: torch is loaded by then (the model raised this).
-    from rmbgd.model.segmenter import is_out_of_memory
+    from rmbgd.model.device import is_out_of_memory
 
     return is_out_of_memory(exc)
 
