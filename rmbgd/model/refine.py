@@ -73,9 +73,9 @@ import structlog
 import torch
 import torch.nn.functional as nnf
 
-from rmbgd.model.hub import first_line
-from rmbgd.imaging.images import check_uint8
+from rmbgd.imaging.pixels import check_uint8
 from rmbgd.model.device import is_out_of_memory
+from rmbgd.model.hub import first_line
 
 __all__ = ["estimate_foreground"]
 

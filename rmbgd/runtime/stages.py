@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 from rmbgd.batching.stages import Stages
-from rmbgd.imaging.images import ImageError, decode_image
+from rmbgd.imaging.decode import ImageError, decode_image
 from rmbgd.imaging.sizing import dynamic_input_size, resize_rgb
 from rmbgd.render.render import RenderError, render
 
