@@ -8,14 +8,8 @@ from PIL import ExifTags, Image
 from rmbgd.imaging.pillow import PILLOW_ERRORS
 
 _EXIF_ORIENTATION = 0x0112
-
-
 EXIF_PREFIX = b"Exif\x00\x00"
-
-
 _TIFF_HEADERS = (b"II*\x00", b"MM\x00*")
-
-
 # First-IFD tags worth carrying into an output: who took the photo, when, with what, and the
 # pointers to the Exif and GPS sub-IFDs (kept whole). Everything else there is dropped: in a
 # TIFF input the first IFD also describes the file's own pixel layout (strip offsets, sample

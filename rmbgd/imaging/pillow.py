@@ -14,11 +14,7 @@ from contextlib import contextmanager
 from PIL import Image
 
 _silence_lock = threading.Lock()
-
-
 _silence_users = 0
-
-
 _silence_context: warnings.catch_warnings | None = None
 
 

@@ -16,8 +16,6 @@ from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
 from rmbgd.model.hub import ModelLoadError
 
 _DEVICE_RE = re.compile(r"cuda(?::(\d+))?")
-
-
 _DTYPES = ("float16", "bfloat16", "float32")
 
 

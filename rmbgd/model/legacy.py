@@ -21,8 +21,6 @@ from rmbgd.model.hub import ModelLoadError, first_line
 # transformers 5's from_pretrained: a plain object as self.config, .item() on
 # tensors built on the meta device, and no post_init().
 _LEGACY_MESSAGE_RE = re.compile(r"\bmeta\b", re.IGNORECASE)
-
-
 _NORM_WITH_STATS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
 
 

@@ -15,12 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 _stdlib_log = logging.getLogger(__name__)
-
-
 # Terminal control sequences (colours, bold) as transformers writes into its load report.
 _ANSI_ESCAPE_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-
-
 # Library messages logged at debug only: harmless, or said better by rmbgd itself.
 _QUIET_LIBRARY_MESSAGES = (
     # BiRefNet's code imports timm's old module paths, which still work.

@@ -21,17 +21,11 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 _PNG_FILTER_UP = 2
-
-
 # zlib level -> ISA-L level. Only the default, speed-first level 1 is swapped: ISA-L's level 2
 # is as fast as its level 1 and within 1% of zlib 1's size, about 4x faster. Level 0 must
 # stay "stored", and 2-9 ask for smaller files, which only zlib's slower matching gives.
 _ISAL_LEVEL_FOR = {1: 2}
-
-
 # PNG caps a chunk at 2**31 - 1 bytes; smaller IDAT chunks also keep each CRC pass short.
 _IDAT_CHUNK_BYTES = 1 << 24
 
