@@ -43,6 +43,7 @@ from rmbgd.batching.collector import BatchQueue
 from rmbgd.config.settings import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.batching.job import Counters, Job, ms_since
 from rmbgd.batching.stages import Stages
+from rmbgd.errors import describe
 from rmbgd.output.publisher import FinishingFailed, Publisher
 
 # The reason recorded for an image that does not fit in GPU memory even on its own.
@@ -181,7 +182,7 @@ class Pipeline:
                 "task_failed",
                 input=str(job.input),
                 task=getattr(task, "__name__", repr(task)),
-                error=_describe(exc),
+                error=describe(exc),
                 left_claimed=left_claimed,
                 exc_info=exc,
             )
@@ -201,7 +202,7 @@ class Pipeline:
         return True
 
     def _retry_error(self, exc: BaseException) -> None:
-        self._log.error("retry_failed", error=_describe(exc), exc_info=exc)
+        self._log.error("retry_failed", error=describe(exc), exc_info=exc)
 
     def _track(self, future: Future) -> None:
         with self._pending_lock:
@@ -231,7 +232,7 @@ class Pipeline:
             self.fail(job, "decode", str(exc))
             return
         except Exception as exc:  # per-file boundary: one bad file must not stop the daemon
-            self.fail(job, "decode", _describe(exc), exc_info=True)
+            self.fail(job, "decode", describe(exc), exc_info=True)
             return
         job.ms["decode"] = ms_since(start)
         # The batch window opens now, when the image is ready for the model (as Triton's
@@ -274,7 +275,7 @@ class Pipeline:
         try:
             return self._segmenter.stack([job.image.model_input for job in batch])
         except Exception as exc:  # the model thread stacks again and meets the error at its per-batch boundary
-            self._log.debug("batch_not_staged", error=_describe(exc))
+            self._log.debug("batch_not_staged", error=describe(exc))
             return None
 
     def _model_loop(self) -> None:
@@ -310,7 +311,7 @@ class Pipeline:
         try:
             masks = self._infer(batch, staged)
         except Exception as exc:  # per-batch boundary: find the image that really fails
-            failure = (_describe(exc), self._stages.is_out_of_memory(exc))
+            failure = (describe(exc), self._stages.is_out_of_memory(exc))
         # Retries happen only once the except block is left: until then the exception's
         # traceback keeps the failed call's frames, and with them its GPU tensors, alive.
         if failure is None:
@@ -354,7 +355,7 @@ class Pipeline:
                 if self._stages.is_out_of_memory(exc):
                     self.fail(job, "inference", OUT_OF_GPU_MEMORY)
                 else:
-                    self.fail(job, "inference", _describe(exc), exc_info=True)
+                    self.fail(job, "inference", describe(exc), exc_info=True)
                 continue
             self._inferred(job, mask, ms_since(started))
 
@@ -391,7 +392,7 @@ class Pipeline:
             self.fail(job, exc.stage, str(exc))
             return
         except Exception as exc:  # per-file boundary
-            self.fail(job, "encode", _describe(exc), exc_info=True)
+            self.fail(job, "encode", describe(exc), exc_info=True)
             return
         job.size = (job.image.width, job.image.height)
         job.release_image()
@@ -417,7 +418,7 @@ class Pipeline:
             self.fail(job, "write", str(exc))
             return
         except Exception as exc:  # per-file boundary
-            self.fail(job, "write", _describe(exc), exc_info=True)
+            self.fail(job, "write", describe(exc), exc_info=True)
             return
         job.ms["write"] = ms_since(start)
         job.ms["total"] = ms_since(job.ready_at)
@@ -453,7 +454,7 @@ class Pipeline:
         roots_usable = getattr(self._publisher, "roots_usable", lambda: True)()
         if write_error_verdict(exc.errno, attempt, roots_usable) is Verdict.FAIL:
             tried = f" (tried {attempt} times)" if attempt > 1 else ""
-            self.fail(job, "write", _describe(exc) + tried)
+            self.fail(job, "write", describe(exc) + tried)
         else:
             self._retry_later(job, "write", exc, self._deliver)
 
@@ -476,7 +477,7 @@ class Pipeline:
             "file_retry",
             input=str(job.input),
             stage=stage,
-            error=_describe(exc),
+            error=describe(exc),
             attempt=job.attempts,
             retry_in_s=delay,
             parked=park,
@@ -584,7 +585,3 @@ def _yield_to_model() -> None:
     except (OSError, AttributeError):
         return
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rmbgd.errors import describe
 from rmbgd.imaging.exif import TRANSPOSE_FOR_ORIENTATION, exif_for_output, exif_orientation, read_exif
 from rmbgd.imaging.modes import low_byte_tiles_of, rgb_icc_profile, split_colour_and_alpha, split_wide_colour
 from rmbgd.imaging.pillow import PILLOW_ERRORS, ImageError, pillow_warnings_silenced
@@ -125,7 +126,7 @@ def _open_regular_file(path: str | os.PathLike):
     except FileNotFoundError as exc:
         raise ImageError("file not found (it may have been moved or deleted)") from exc
     except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or _one_line(exc)}") from exc
+        raise ImageError(f"cannot read file: {exc.strerror or describe(exc, kind=False)}") from exc
     _require_regular(before.st_mode)
     try:
         # O_NONBLOCK: should a FIFO be swapped in after the lstat, opening it cannot hang
@@ -136,7 +137,7 @@ def _open_regular_file(path: str | os.PathLike):
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ImageError("symbolic link: never followed") from exc
-        raise ImageError(f"cannot read file: {exc.strerror or _one_line(exc)}") from exc
+        raise ImageError(f"cannot read file: {exc.strerror or describe(exc, kind=False)}") from exc
     try:
         info = os.fstat(fd)
         _require_regular(info.st_mode)
@@ -190,7 +191,7 @@ def _identify(fp, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageError(_pillow_bomb_reason(exc, max_pixels)) from exc
     except PILLOW_ERRORS as exc:
-        raise ImageError(f"truncated or corrupt image: {_one_line(exc)}") from exc
+        raise ImageError(f"truncated or corrupt image: {describe(exc, kind=False)}") from exc
 
     width, height = im.size
     if width * height > max_pixels:
@@ -241,7 +242,7 @@ def _decode_opened(im: Image.Image, fp, input_size: int | None) -> DecodedImage:
     try:
         im.load()
     except PILLOW_ERRORS as exc:
-        raise ImageError(f"truncated or corrupt image: {_one_line(exc)}") from exc
+        raise ImageError(f"truncated or corrupt image: {describe(exc, kind=False)}") from exc
 
     source_format = im.format or "unknown"
     exif = read_exif(im)
@@ -271,11 +272,6 @@ def _decode_opened(im: Image.Image, fp, input_size: int | None) -> DecodedImage:
         icc_profile=icc_profile,
         exif=exif_for_output(exif),
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- encoding

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rmbgd.model.hub import ModelLoadError, first_line, missing_packages_hint
+from rmbgd.errors import describe
+from rmbgd.model.hub import ModelLoadError, missing_packages_hint
 
 _MISSING_PACKAGES_RE = re.compile(r"not found in your environment: (.+?)\. Run")
 
@@ -44,6 +45,3 @@ def _missing_packages(exc: ImportError) -> list[str]:
         return [exc.name.split(".")[0]]
     return []
 
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {first_line(exc)}"

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from rmbgd.model.errors import describe
-from rmbgd.model.hub import ModelLoadError, first_line
+from rmbgd.errors import describe, first_line
+from rmbgd.model.hub import ModelLoadError
 
 # What older remote code (BiRefNet before 2025, RMBG-2.0) trips over in
 # transformers 5's from_pretrained: a plain object as self.config, .item() on

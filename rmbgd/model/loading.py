@@ -13,9 +13,10 @@ from typing import Any, Optional
 
 import torch
 
+from rmbgd.errors import describe
 from rmbgd.model.device import configure_backends, configure_cpu_threads, resolve_device, resolve_dtype
-from rmbgd.model.errors import describe, load_error
-from rmbgd.model.hub import ModelLoadError, first_line, locate_model, log_info
+from rmbgd.model.errors import load_error
+from rmbgd.model.hub import ModelLoadError, locate_model, log_info
 from rmbgd.model.legacy import check_loading_info, load_legacy, needs_legacy_loader, some_names
 from rmbgd.model.messages import library_messages, log_warning_event, quiet_library_output
 from rmbgd.model.segmenter import LOADER_FROM_PRETRAINED, LOADER_LEGACY, Segmenter
@@ -43,7 +44,7 @@ def load_segmenter(cfg: Any, *, log: Any = None) -> Segmenter:
         ) from exc
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"model.device: cannot move '{name}' to {device}: {first_line(exc)}"
+            f"model.device: cannot move '{name}' to {device}: {describe(exc, kind=False)}"
         ) from exc
     configure_backends(device, input_size)
     runner, backend_fields = _exported_backend(cfg, model, source, device, dtype, input_size, threads, log)

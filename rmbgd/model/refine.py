@@ -73,9 +73,9 @@ import structlog
 import torch
 import torch.nn.functional as nnf
 
+from rmbgd.errors import describe
 from rmbgd.imaging.pixels import check_uint8
 from rmbgd.model.device import is_out_of_memory
-from rmbgd.model.hub import first_line
 
 __all__ = ["estimate_foreground"]
 
@@ -127,7 +127,7 @@ def estimate_foreground(rgb: np.ndarray, alpha: np.ndarray, *, device: str = "cp
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
-            error = f"{type(exc).__name__}: {first_line(exc)}"
+            error = describe(exc)
         # Hand what the failed attempt cached back to the model before going on.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.errors import describe
 from rmbgd.model.device import is_out_of_memory
-from rmbgd.model.errors import describe
 from rmbgd.model.hub import ModelLoadError
 from rmbgd.model.messages import library_messages
 

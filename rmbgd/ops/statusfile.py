@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from rmbgd import __version__
+from rmbgd.errors import describe
 from rmbgd.intake.names import PRIVATE_DIR
 from rmbgd.ops.liveness import prune
 from rmbgd.ops.ratemeter import RateMeter
@@ -220,7 +221,7 @@ class StatusWriter:
         self._log.warning(
             "status_write_failed",
             file=str(self.path),
-            error=f"{type(exc).__name__}: {exc}",
+            error=describe(exc),
             note="`rmbgd status` shows stale data until this is fixed; processing goes on",
         )
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, List, Optional, Set
 
 from rmbgd import __version__
+from rmbgd.errors import describe
 from rmbgd.output import backoff
 from rmbgd.ops import logs
 from rmbgd.batching.collector import CallCost
@@ -273,7 +274,7 @@ class Daemon:
         except OSError as exc:
             # The work area's filesystem failed mid-way: start anyway; what is left in a dead
             # instance's folder is adopted at the next rescan.
-            self.log.error("recover_failed", error=f"{type(exc).__name__}: {exc}")
+            self.log.error("recover_failed", error=describe(exc))
             claims = []
         finished = self._take_over(claims)
         removed = 0
@@ -508,7 +509,7 @@ class Daemon:
             except FileNotFoundError:
                 continue  # gone, or its folder is now a link leading out of the inbox
             except OSError as exc:
-                self.log.error("claim_failed", input=str(path), error=f"{type(exc).__name__}: {exc}")
+                self.log.error("claim_failed", input=str(path), error=describe(exc))
                 continue
             if claim is None:
                 # An earlier file of the same name is still in progress; look again later.
@@ -530,7 +531,7 @@ class Daemon:
             self.log.info("adopted", files=len(adopted), finished=finished)
 
     def _adopt_failed(self, path: Path, exc: OSError) -> None:
-        self.log.warning("adopt_failed", path=str(path), error=f"{type(exc).__name__}: {exc}",
+        self.log.warning("adopt_failed", path=str(path), error=describe(exc),
                          note="left where it is; tried again at the next rescan")
 
     def _start_job(self, claim: Claim) -> Job:
@@ -554,10 +555,6 @@ class Daemon:
             self._service.file_done()
         else:
             self._service.file_failed(job.input, job.stage, job.error)
-
-
-def describe_startup_failure(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def stderr_is_terminal() -> bool:
