@@ -22,7 +22,8 @@ from PIL import Image
 
 from rmbgd.config.settings import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
 from rmbgd.batching.job import Counters, Job
-from rmbgd.batching.pipeline import OUT_OF_GPU_MEMORY, Pipeline
+from rmbgd.batching.modelstage import OUT_OF_GPU_MEMORY
+from rmbgd.batching.pipeline import Pipeline
 from rmbgd.output.publisher import Publisher
 from rmbgd.intake.workarea import Claim
 from rmbgd.runtime.stages import image_stages
