@@ -46,7 +46,8 @@ from rmbgd.intake.readiness import Readiness, Seen
 from rmbgd.ops.service import Service
 from rmbgd.runtime.stages import image_stages
 from rmbgd.intake.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
-from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked, special_file_reason
+from rmbgd.intake.filekinds import special_file_reason
+from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked
 
 TICK_SECONDS = 0.1
 # Posted by worker threads when a job finishes, so the main loop claims the next file at once.
