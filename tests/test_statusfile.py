@@ -420,3 +420,25 @@ def test_a_failed_start_that_cannot_be_written_is_not_reported_again(tmp_path):
 def test_judge_a_failed_start_without_a_reason(tmp_path):
     path = other_doc(tmp_path, "x", state="failed", startup_error=None)
     assert judge(read_status(path)) == (False, "failed to start: no reason recorded")
+
+
+def test_status_and_intents_share_one_atomic_replace(tmp_path, monkeypatch):
+    # One atomic-write helper (issue 13): the status file is replaced through
+    # fsops.replace_atomically, temp file hidden beside it, nothing left behind.
+    from rmbgd.output import fsops
+
+    calls = []
+    real = fsops.replace_atomically
+    monkeypatch.setattr(statusfile, "replace_atomically", lambda path, data, temp=None: calls.append(path) or real(path, data, temp))
+    path = tmp_path / "x.json"
+    statusfile.write_atomically(path, {"a": 1})
+    statusfile.write_atomically(path, {"a": 2})
+    assert calls == [path, path]
+    assert read_json_file(path) == {"a": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def read_json_file(path):
+    import json
+
+    return json.loads(path.read_text())

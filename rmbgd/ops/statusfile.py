@@ -27,6 +27,7 @@ from rmbgd import __version__
 from rmbgd.errors import describe
 from rmbgd.intake.names import PRIVATE_DIR
 from rmbgd.ops.liveness import prune
+from rmbgd.output.fsops import replace_atomically
 from rmbgd.ops.ratemeter import RateMeter
 from rmbgd.ops.statusdoc import (
     HEARTBEAT_SECONDS,
@@ -227,20 +228,7 @@ class StatusWriter:
 
 
 def write_atomically(path: Path, doc: Mapping[str, Any]) -> None:
-    data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            # Without it, a crash soon after the rename can leave an empty file behind on
-            # filesystems that order data after metadata.
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_atomically(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- `rmbgd status`
