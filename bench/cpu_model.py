@@ -7,7 +7,7 @@ Builds a BiRefNet_lite model folder (the real code from ../shared/models, random
 fixed seed; kept in --cache between runs with its exports) and runs, in ONE process, per input
 size:
 
-- eager: today's path, rmbgd.model.segmenter.load_segmenter's Segmenter (float32, inference_mode);
+- eager: today's path, rmbgd.model.loading.load_segmenter's Segmenter (float32, inference_mode);
 - channels_last: a copy of the model and its input in channels-last memory format;
 - compile: torch.compile(model) (default mode); its first call, the compilation, is reported
   apart. Only at --compile-sizes (default 512): compiling costs minutes per input size;
@@ -150,7 +150,8 @@ def make_variants(names, segmenter, model, model_dir, side, threads, fingerprint
     import torch
 
     from rmbgd.model import backends
-    from rmbgd.model.segmenter import Segmenter, _cpu_has_bfloat16, final_logits
+    from rmbgd.model.device import _cpu_has_bfloat16
+    from rmbgd.model.segmenter import Segmenter, final_logits
 
     seg = Segmenter(model, name="birefnet_lite", device="cpu", dtype="float32", input_size=side)
     variants = {}
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rmbgd.config.settings import parse_config
     from rmbgd.model import backends
-    from rmbgd.model.segmenter import _cpu_has_bfloat16, load_segmenter
+    from rmbgd.model.device import _cpu_has_bfloat16
+    from rmbgd.model.loading import load_segmenter
 
     machine = support.machine()
     cache = Path(args.cache)

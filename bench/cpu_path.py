@@ -13,7 +13,7 @@ post-processing and encoding.
 - naive: what BiRefNet's model card does: PIL open + convert, torchvision Resize + ToTensor
   + Normalize, the model, sigmoid, ToPILImage, resize the mask to the photo's size (bilinear,
   as rmbgd does), putalpha, `save(format="PNG")` with Pillow's defaults.
-- rmbgd: rmbgd.imaging.images.decode_image, Segmenter.predict (rmbgd.model.segmenter), combine_alpha,
+- rmbgd: rmbgd.imaging.decode.decode_image, Segmenter.predict (rmbgd.model.segmenter), combine_alpha,
   encode_png with the default output settings, exactly as the daemon's pipeline calls them.
 
 It also checks that both outputs show the same thing: alpha within rounding of each other
@@ -112,7 +112,9 @@ class Paths:
         return out.getvalue()
 
     def rmbgd(self, path: Path, stages: dict) -> bytes:
-        from rmbgd.imaging.images import combine_alpha, decode_image, encode_png
+        from rmbgd.imaging.decode import decode_image
+        from rmbgd.imaging.pixels import combine_alpha
+        from rmbgd.render.png import encode_png
 
         t0 = time.thread_time()
         image = decode_image(path, input_size=self.input_size, max_pixels=200_000_000)

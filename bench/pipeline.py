@@ -12,7 +12,7 @@ model, loaded the same way.
 - daemon: `python -m rmbgd run --config ...` as a subprocess; the burst is moved into its inbox
   at once and timed from the first move to the last `file_done` line.
 - loop: in this process, for each file: Pillow decode, resize to the model's input, one
-  model call through rmbgd.model.segmenter.load_segmenter, putalpha, `save(format="PNG")` at Pillow's
+  model call through rmbgd.model.loading.load_segmenter, putalpha, `save(format="PNG")` at Pillow's
   defaults. That is the script people write today.
 - idle drop: single files moved into the idle daemon from a folder outside the inbox, one at
   a time, until `file_done`.

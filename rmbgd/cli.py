@@ -189,7 +189,8 @@ def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int
     from pathlib import Path
 
     from rmbgd.config.settings import ConfigError, load_config
-    from rmbgd.ops.statusfile import default_state_dir, report
+    from rmbgd.ops.statusfile import default_state_dir
+    from rmbgd.ops.statusreport import report
 
     if state_dir:
         directory = Path(state_dir)

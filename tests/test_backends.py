@@ -132,7 +132,7 @@ def test_explicit_backend_that_cannot_run_falls_back_with_reason(backend: str) -
 @pytest.mark.parametrize("backend", EXPORTED)
 def test_export_load_predict_and_cache(tmp_path: Path, deform_dir: Path, backend: str, capfd) -> None:
     needs(backend)
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     log = RecordingLog()
     segmenter = load_segmenter(model_cfg(tmp_path, deform_dir, backend=backend), log=log)
@@ -157,7 +157,7 @@ def test_export_load_predict_and_cache(tmp_path: Path, deform_dir: Path, backend
 @pytest.mark.parametrize("backend", EXPORTED)
 def test_fallback_when_no_folder_can_hold_the_export(tmp_path: Path, monkeypatch, backend: str) -> None:
     needs(backend)
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     model_dir = build_tiny_model(tmp_path / "model", deformable=True)
     # A file where each export folder would go: the export cannot be written anywhere.
@@ -177,7 +177,7 @@ def test_fallback_when_no_folder_can_hold_the_export(tmp_path: Path, monkeypatch
 
 def test_a_corrupt_cached_export_is_made_again(tmp_path: Path) -> None:
     needs("onnxruntime")
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     model_dir = build_tiny_model(tmp_path / "model")
     cfg = model_cfg(tmp_path, model_dir, backend="onnxruntime")
@@ -196,7 +196,7 @@ def test_a_corrupt_cached_export_is_made_again(tmp_path: Path) -> None:
 def test_a_backend_failing_its_warmup_hands_over_to_torch(tmp_path: Path) -> None:
     # The runtime is stood in for here: no real export is known to load and then fail on
     # its first image, but the warm-up must still survive one that does.
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     class BrokenRunner:
         backend = "openvino"

@@ -1,5 +1,5 @@
 """Tests for the output encoders: WebP and JPEG (rmbgd.render.encoders), RGB and grey PNG
-(rmbgd.imaging.images), and the ICC profile and EXIF they carry. Every check decodes real bytes."""
+(rmbgd.render.png), and the ICC profile and EXIF they carry. Every check decodes real bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from PIL import ExifTags, Image, ImageCms, JpegImagePlugin
 
 from rmbgd.render.encoders import encode_jpeg, encode_webp
-from rmbgd.imaging.images import decode_image, encode_grey_png, encode_png
+from rmbgd.imaging.decode import decode_image
+from rmbgd.render.png import encode_grey_png, encode_png
 from tests.support.photos import random_rgba
 
 H, W = 30, 40

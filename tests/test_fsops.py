@@ -4,7 +4,7 @@ import os
 import threading
 from pathlib import Path
 
-from rmbgd.output.fsops import TEMP_SUFFIX as TEMP_TAG, move_unique, publish_bytes
+from rmbgd.output.fsops import TEMP_SUFFIX as TEMP_TAG, move_unique, publish_bytes, replace_atomically
 
 
 def test_publish_writes_whole_file_and_leaves_no_temp(tmp_path):
@@ -109,3 +109,30 @@ def test_regression_remove_file_when_its_emptied_folder_is_removed_at_once(tmp_p
     monkeypatch.setattr(fsops, "fsync_dir", fsync_dir_after_rmdir)
     fsops.remove_file(victim)
     assert not folder.exists()
+
+
+def test_replace_atomically_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "doc.json"
+    path.write_bytes(b"old")
+    (tmp_path / f".doc.json.{os.getpid()}.tmp").write_bytes(b"a crashed writer's leftover")
+    replace_atomically(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json"]
+
+
+def test_replace_atomically_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "doc.json"
+    path.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    try:
+        replace_atomically(path, b"new", temp=tmp_path / "doc.json.new")
+    except OSError as exc:
+        assert exc.errno == 28
+    else:
+        raise AssertionError("the failed rename was not reported")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json"]

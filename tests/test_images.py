@@ -1,4 +1,4 @@
-"""Tests for rmbgd.imaging.images: decoding every supported mode/format, failures, PNG encoding."""
+"""Tests for rmbgd.imaging (decode, modes, exif, pixels) and rmbgd.render.png: decoding every supported mode/format, failures, PNG encoding."""
 
 from __future__ import annotations
 
@@ -18,15 +18,11 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
-from rmbgd.imaging import images
-from rmbgd.imaging.images import (
-    SUPPORTED_FORMATS,
-    DecodedImage,
-    ImageError,
-    combine_alpha,
-    decode_image,
-    encode_png,
-)
+from rmbgd.imaging import modes
+from rmbgd.imaging.decode import SUPPORTED_FORMATS, DecodedImage, ImageError, decode_image
+from rmbgd.imaging.pixels import combine_alpha
+from rmbgd.render import png
+from rmbgd.render.png import encode_png
 
 from tests.support.photos import random_rgba
 
@@ -202,7 +198,7 @@ def test_palette_alpha_mode_pa():
     alpha = np.random.default_rng(3).integers(0, 256, (H, W), dtype=np.uint8)
     pa = image.convert("PA")
     pa.putalpha(Image.fromarray(alpha))
-    rgb_image, alpha_image = images._split_colour_and_alpha(pa)
+    rgb_image, alpha_image = modes.split_colour_and_alpha(pa)
     np.testing.assert_array_equal(np.asarray(rgb_image), palette[index])
     np.testing.assert_array_equal(np.asarray(alpha_image), alpha)
 
@@ -290,7 +286,7 @@ def test_reference_rounding_differs_from_truncation():
 def test_round_16_to_8_is_exact_for_every_value():
     values = np.arange(65536)
     high, low = (values >> 8).astype(np.uint8), (values & 255).astype(np.uint8)
-    np.testing.assert_array_equal(images._round_16_to_8(high, low), to_8_bit(values))
+    np.testing.assert_array_equal(modes._round_16_to_8(high, low), to_8_bit(values))
 
 
 def wide_grey() -> np.ndarray:
@@ -520,14 +516,14 @@ def test_failing_low_byte_decode_falls_back_to_truncation(tmp_path, monkeypatch)
     path = tmp_path / "rgb16.png"
     path.write_bytes(handmade_png(W, H, 16, 2, rows_16_bit(values)))
     # A raw mode Pillow has no unpacker for: the second decode raises inside Pillow.
-    monkeypatch.setitem(images._OTHER_BYTE_RAWMODES, "RGB;16B", "RGB;99Q")
+    monkeypatch.setitem(modes._OTHER_BYTE_RAWMODES, "RGB;16B", "RGB;99Q")
     decoded = decode(path)
     np.testing.assert_array_equal(decoded.rgb, (values >> 8).astype(np.uint8))
 
 
 def test_8_bit_inputs_are_decoded_once(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(images, "_decode_low_bytes", lambda *args: calls.append(args))
+    monkeypatch.setattr(modes, "_decode_low_bytes", lambda *args: calls.append(args))
     rgba = Image.fromarray(np.dstack((pattern(), pattern()[..., 0])))
     decode(save(tmp_path, "x.png", rgba))
     decode(save(tmp_path, "x.tiff", rgba))
@@ -1062,7 +1058,7 @@ def test_every_level_round_trips_with_either_deflate(monkeypatch, deflate, level
     if deflate == "isal":
         pytest.importorskip("isal")
     else:
-        monkeypatch.setattr(images, "_isal_zlib", None)
+        monkeypatch.setattr(png, "_isal_zlib", None)
     rgb, alpha = random_rgba(37, 29)
     for clean in (False, True):
         data = encode_png(rgb, alpha, compress_level=level, clean_transparent=clean)
@@ -1081,7 +1077,7 @@ def test_isal_and_zlib_write_the_same_pixels(monkeypatch):
     rgb = np.kron(pattern(9, 11), np.ones((7, 7, 1), np.uint8))
     alpha = np.random.default_rng(3).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
     fast = encode_png(rgb, alpha)
-    monkeypatch.setattr(images, "_isal_zlib", None)
+    monkeypatch.setattr(png, "_isal_zlib", None)
     plain = encode_png(rgb, alpha)
     np.testing.assert_array_equal(read_png(fast), read_png(plain))
 
@@ -1098,7 +1094,7 @@ def test_last_pixel_and_tiny_images_interleave_exactly(h, w):
 
 
 def test_many_idat_chunks_decode(monkeypatch):
-    monkeypatch.setattr(images, "_IDAT_CHUNK_BYTES", 100)
+    monkeypatch.setattr(png, "_IDAT_CHUNK_BYTES", 100)
     rgb, alpha = random_rgba()
     data = encode_png(rgb, alpha, clean_transparent=False)
     assert sum(tag == b"IDAT" for tag, _ in png_chunks(data)) > 10
@@ -1146,7 +1142,7 @@ def test_decode_combine_encode_end_to_end(tmp_path):
 
 
 def test_importing_does_not_pull_in_torch():
-    code = "import sys, rmbgd.imaging.images; sys.exit('torch' in sys.modules)"
+    code = "import sys, rmbgd.imaging.decode, rmbgd.render.png; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -12,8 +12,8 @@ import pillow_heif
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
-from rmbgd.imaging import images
-from rmbgd.imaging.images import ImageError, decode_image
+from rmbgd.imaging import decode as decode_module
+from rmbgd.imaging.decode import ImageError, decode_image
 
 W, H = 40, 30
 SIZE = 16
@@ -185,4 +185,4 @@ def test_heic_and_avif_cut_inside_the_header_say_so(tmp_path, suffix, fmt):
 
 
 def test_heif_and_avif_are_supported_formats():
-    assert {"HEIF", "AVIF"} <= set(images._openable_formats())
+    assert {"HEIF", "AVIF"} <= set(decode_module._openable_formats())

@@ -1,4 +1,4 @@
-"""rmbgd.model.segmenter: loading a model the way BiRefNet is loaded, and predicting masks.
+"""rmbgd.model (segmenter, loading, device, warmup): loading a model the way BiRefNet is loaded, and predicting masks.
 
 Everything runs on CPU without network: the model is a tiny custom-code
 checkpoint built on the fly (tests/support/tinymodel.py) and loaded through
@@ -22,20 +22,18 @@ import pytest
 import torch
 from PIL import Image
 
-import rmbgd.model.segmenter as model_module
-from rmbgd.model.segmenter import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ModelLoadError,
-    Segmenter,
+import rmbgd.model.warmup as warmup_module
+from rmbgd.model.device import (
     configure_backends,
     cpu_threads,
     dtype_for_device,
     is_out_of_memory,
-    load_segmenter,
     resolve_device,
     resolve_dtype,
 )
+from rmbgd.model.hub import ModelLoadError
+from rmbgd.model.loading import load_segmenter
+from rmbgd.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from tests.support.hidepkgs import hidden
 from tests.support.tinymodel import (
     BIREFNET_LITE_CODE,
@@ -287,7 +285,7 @@ def test_warmup(tiny_dir, monkeypatch):
 
 def test_warmup_of_a_slow_model_times_no_extra_calls(monkeypatch):
     # A CPU model taking seconds per image: two more calls would delay the start by seconds.
-    monkeypatch.setattr(model_module, "QUICK_CALL_SECONDS", 0.0)
+    monkeypatch.setattr(warmup_module, "QUICK_CALL_SECONDS", 0.0)
     fake = FakeModel()
     segmenter = Segmenter(fake, name="fake", device="cpu", dtype="float32", input_size=8)
     segmenter.warmup()
@@ -791,7 +789,7 @@ class WithBuffers(torch.nn.Module):
 
 
 def test_missing_keys_are_learned_unless_the_model_computes_them():
-    from rmbgd.model.segmenter import _classify_missing
+    from rmbgd.model.legacy import _classify_missing
 
     missing = ["conv.weight", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked", "index_table"]
     learned, computed = _classify_missing(WithBuffers(), missing)
@@ -813,7 +811,7 @@ def transformers_load_report(name: str) -> str:
 def test_regression_library_messages_are_one_clean_line_each():
     import warnings as python_warnings
 
-    from rmbgd.model.segmenter import library_messages
+    from rmbgd.model.messages import library_messages
 
     log = RecordingLog()
     with python_warnings.catch_warnings(), library_messages(log):
@@ -843,7 +841,7 @@ def test_regression_library_messages_are_one_clean_line_each():
 
 
 def test_library_messages_leave_the_transformers_logger_as_it_was():
-    from rmbgd.model.segmenter import library_messages
+    from rmbgd.model.messages import library_messages
 
     library_logger = logging.getLogger("transformers")
     before = (library_logger.propagate, list(library_logger.handlers))

@@ -22,7 +22,8 @@ from PIL import Image
 
 from rmbgd.config.settings import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
 from rmbgd.batching.job import Counters, Job
-from rmbgd.batching.pipeline import OUT_OF_GPU_MEMORY, Pipeline
+from rmbgd.batching.modelstage import OUT_OF_GPU_MEMORY
+from rmbgd.batching.pipeline import Pipeline
 from rmbgd.output.publisher import Publisher
 from rmbgd.intake.workarea import Claim
 from rmbgd.runtime.stages import image_stages
@@ -423,7 +424,7 @@ def test_regression_images_decoded_during_a_model_call_join_one_batch(harness):
 
 
 class TimedSegmenter(FakeSegmenter):
-    """A FakeSegmenter whose warm-up measured its calls (see rmbgd.model.segmenter.Segmenter._time_calls)
+    """A FakeSegmenter whose warm-up measured its calls (see rmbgd.model.warmup.WarmUp._time_calls)
     and that resizes model inputs itself, recording what it was asked to resize."""
 
     def __init__(self, call_timings, **kwargs) -> None:
@@ -522,7 +523,7 @@ class ThreadRecordingSegmenter:
 
 
 def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model):
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
     from tests.support.tinymodel import alpha_for_rgb
 
     real = load_segmenter(ModelConfig(name=str(tiny_model), device="cpu", input_size=64))
@@ -547,7 +548,7 @@ def test_on_the_cpu_pre_and_postprocessing_run_in_the_pools(harness, tiny_model)
 
 
 def test_the_next_batch_is_staged_while_the_model_runs_and_left_claimed_on_stop(harness, tiny_model):
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     class Gated(ThreadRecordingSegmenter):
         """The first model call waits for the test, so a second batch gets staged meanwhile."""

@@ -101,7 +101,7 @@ def test_real_birefnet_lite_fp16_weights_run_in_fp32_on_the_cpu(tmp_path, birefn
     import torch
 
     from rmbgd.config.settings import ModelConfig
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     half = tmp_path / "BiRefNet_lite_fp16"
     shutil.copytree(birefnet_fixed, half)
@@ -116,7 +116,7 @@ def test_real_birefnet_lite_fp16_weights_run_in_fp32_on_the_cpu(tmp_path, birefn
 
 def test_real_birefnet_lite_dynamic_input_size(birefnet_fixed):
     from rmbgd.config.settings import ModelConfig
-    from rmbgd.model.segmenter import load_segmenter
+    from rmbgd.model.loading import load_segmenter
 
     segmenter = load_segmenter(
         ModelConfig(name=str(birefnet_fixed), device="cpu", input_size="dynamic", max_input_size=SIDE)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rmbgd.model import refine
+from rmbgd.model import refine, solver
 from rmbgd.model.refine import estimate_foreground
 
 
@@ -161,12 +161,12 @@ def test_tile_margins_reproduce_a_sweep_over_the_whole_level():
     # (where a tile's margin lies outside the image).
     photo, alpha, _, _, _ = scene(150, 170, centre=(10, 160), ramp=10.0)
     rng = np.random.default_rng(4)
-    coarse = refine._Dense(torch.from_numpy(rng.random((75 * 85, 6), dtype=np.float32)), 85)
+    coarse = solver._Dense(torch.from_numpy(rng.random((75 * 85, 6), dtype=np.float32)), 85)
     settings = dataclasses.replace(refine._DEFAULT, tile=16)
     image, matte = torch.from_numpy(photo), torch.from_numpy(alpha)
-    level = refine._Level(image, matte, (150, 170), coarse, (75, 85), 3, settings)
-    whole = refine._dense_level(level).values.view(150, 170, 6)
-    tiled = refine._tiled_level(level)
+    level = solver._Level(image, matte, (150, 170), coarse, (75, 85), 3, settings)
+    whole = solver._dense_level(level).values.view(150, 170, 6)
+    tiled = solver._tiled_level(level)
     rows, cols = (t.reshape(-1) for t in torch.meshgrid(torch.arange(150), torch.arange(170), indexing="ij"))
     solved = (tiled.tile_ids[rows // 16 * tiled.tiles_across + cols // 16] >= 0).view(150, 170)
     assert solved[0].any() and solved[:, -1].any() and not solved.all()

@@ -27,7 +27,7 @@ import yaml
 from watchdog.observers import inotify_c
 
 from rmbgd import cli
-from rmbgd.ops import statusfile
+from rmbgd.ops import liveness
 from rmbgd.runtime.daemon import Daemon
 from rmbgd.intake.watcher import describe_watch_error
 from rmbgd.intake.workarea import default_instance_name
@@ -313,7 +313,7 @@ def failed_in_process(tmp_path: Path, capsys) -> str:
     error = records[-1]["error"]
     assert "\n" not in error
     # `rmbgd status` shows it, and the work area is free for the next start.
-    (instance,) = statusfile.list_instances(tmp_path / "inbox" / ".rmbgd" / "state")
+    (instance,) = liveness.list_instances(tmp_path / "inbox" / ".rmbgd" / "state")
     assert instance.doc["state"] == "failed" and instance.doc["startup_error"]["error"] == error
     return error
 

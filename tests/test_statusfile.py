@@ -11,23 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmbgd.ops import statusfile
 from rmbgd.config.settings import parse_config
-from rmbgd.ops.statusfile import (
-    EXIT_NOT_RUNNING,
-    EXIT_RUNNING,
-    EXIT_UNKNOWN,
-    RateMeter,
-    StatusWriter,
-    default_state_dir,
-    human_duration,
-    judge,
-    list_instances,
-    prune,
-    read_status,
-    report,
-    summary_line,
-)
+from rmbgd.ops import statusdoc, statusfile
+from rmbgd.ops.liveness import judge, list_instances, prune
+from rmbgd.ops.ratemeter import RateMeter
+from rmbgd.ops.statusdoc import human_duration, read_status, summary_line
+from rmbgd.ops.statusfile import StatusWriter, default_state_dir
+from rmbgd.ops.statusreport import EXIT_NOT_RUNNING, EXIT_RUNNING, EXIT_UNKNOWN, report
 from tests.support.daemon import REPO
 
 
@@ -80,7 +70,7 @@ def test_writes_a_complete_document_atomically(tmp_path):
     doc = read_status(w.path)
     assert w.path.parent == state and w.path.name == f"{w.instance}.json"
     assert doc["state"] == "loading"
-    assert doc["pid"] == os.getpid() and doc["host"] == statusfile.short_hostname()
+    assert doc["pid"] == os.getpid() and doc["host"] == statusdoc.short_hostname()
     assert doc["config"] == "/etc/rmbgd/config.yaml"
     assert doc["model"] == "ZhengPeng7/BiRefNet" and doc["device"] == "cuda:0"
     for key in ("started", "updated", "uptime_seconds", "processed", "failed", "queued", "in_flight",
@@ -113,7 +103,7 @@ def test_tick_rewrites_on_change_at_most_once_a_second_and_on_heartbeat(tmp_path
     mono.now += 5
     w.tick(1, 0, 0, 0)                       # unchanged: nothing to say yet
     assert len(writes) == 2
-    mono.now += statusfile.HEARTBEAT_SECONDS
+    mono.now += statusdoc.HEARTBEAT_SECONDS
     w.tick(1, 0, 0, 0)                       # heartbeat
     assert len(writes) == 3
 
@@ -229,7 +219,7 @@ def test_judge_a_reused_pid_as_dead(tmp_path):
 
 
 def test_judge_after_a_reboot(tmp_path):
-    if statusfile._boot_id() is None:
+    if statusdoc.boot_id() is None:
         pytest.skip("no boot id on this system")
     doc = read_status(other_doc(tmp_path, "x", boot_id="00000000-0000-0000-0000-000000000000"))
     running, note = judge(doc)
@@ -381,7 +371,7 @@ def test_tick_says_when_it_wrote(tmp_path):
     w = StatusWriter(tmp_path, monotonic=mono)
     assert w.tick(0, 0, 0, 0) is True
     assert w.tick(0, 0, 0, 0) is False
-    mono.now += statusfile.HEARTBEAT_SECONDS
+    mono.now += statusdoc.HEARTBEAT_SECONDS
     assert w.tick(0, 0, 0, 0) is True
 
 
@@ -398,7 +388,7 @@ def test_regression_status_after_a_failed_start_shows_the_reason(tmp_path):
     assert w.fail(error) is True
     doc = read_status(w.path)
     assert doc["state"] == "failed"
-    assert doc["startup_error"] == {"time": statusfile.iso(clock.now), "error": error}
+    assert doc["startup_error"] == {"time": statusdoc.iso(clock.now), "error": error}
     # Judged not running even though this (writing) process is alive: the state is final.
     assert judge(doc) == (False, f"failed to start: {error}")
     text, code = report(tmp_path)
@@ -430,3 +420,25 @@ def test_a_failed_start_that_cannot_be_written_is_not_reported_again(tmp_path):
 def test_judge_a_failed_start_without_a_reason(tmp_path):
     path = other_doc(tmp_path, "x", state="failed", startup_error=None)
     assert judge(read_status(path)) == (False, "failed to start: no reason recorded")
+
+
+def test_status_and_intents_share_one_atomic_replace(tmp_path, monkeypatch):
+    # One atomic-write helper (issue 13): the status file is replaced through
+    # fsops.replace_atomically, temp file hidden beside it, nothing left behind.
+    from rmbgd.output import fsops
+
+    calls = []
+    real = fsops.replace_atomically
+    monkeypatch.setattr(statusfile, "replace_atomically", lambda path, data, temp=None: calls.append(path) or real(path, data, temp))
+    path = tmp_path / "x.json"
+    statusfile.write_atomically(path, {"a": 1})
+    statusfile.write_atomically(path, {"a": 2})
+    assert calls == [path, path]
+    assert read_json_file(path) == {"a": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def read_json_file(path):
+    import json
+
+    return json.loads(path.read_text())

@@ -9,7 +9,8 @@ from pathlib import Path, PurePath
 import pytest
 
 from rmbgd.output.fsops import OwnerLock, owner_of_temp, owner_tag, remove_orphan_temps, temp_path_for, write_temp
-from rmbgd.intake.workarea import Claim, WorkArea, special_file_reason
+from rmbgd.intake.filekinds import special_file_reason
+from rmbgd.intake.workarea import Claim, WorkArea
 from tests.support.hostile import make_socket
 
 

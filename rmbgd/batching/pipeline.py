@@ -24,29 +24,32 @@ rejection waits for errors/) cost a few hundred bytes and are parked without a l
 Every pool task runs under `_guarded`: an exception that escapes a task is logged as
 `task_failed` with its traceback, and its file is accounted for (left claimed for the next
 start when it was not finished yet), so no slot leaks and nothing vanishes in a pool.
+
+The model side is in rmbgd.batching.modelstage, the write retries in rmbgd.batching.parking,
+the slot between the stage and model threads in rmbgd.batching.handoff.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Optional, Set, Tuple
 
 from rmbgd.output import backoff
-from rmbgd.output.backoff import Scheduler, Verdict, write_error_verdict
+from rmbgd.output.backoff import Scheduler
 from rmbgd.batching.collector import BatchQueue
+from rmbgd.batching.handoff import Handoff, yield_to_model
+from rmbgd.batching.modelstage import ModelStage
+from rmbgd.batching.parking import Parking
 from rmbgd.config.settings import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.batching.job import Counters, Job, ms_since
 from rmbgd.batching.stages import Stages
-from rmbgd.output.publisher import FinishingFailed, Publisher
-
-# The reason recorded for an image that does not fit in GPU memory even on its own.
-OUT_OF_GPU_MEMORY = "out of GPU memory"
+from rmbgd.errors import describe
+from rmbgd.output.publisher import Publisher
 
 
 class PublishError(Exception):
@@ -54,7 +57,7 @@ class PublishError(Exception):
     (no traceback: nothing went wrong in rmbgd)."""
 
 
-class Pipeline:
+class Pipeline(ModelStage, Parking):
     def __init__(
         self,
         cfg: Config,
@@ -84,8 +87,8 @@ class Pipeline:
         self._log = log
         self._on_finished = on_finished
         workers = effective_workers(cfg)
-        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-decode", initializer=_yield_to_model)
-        self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-encode", initializer=_yield_to_model)
+        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-decode", initializer=yield_to_model)
+        self._encode_pool = ThreadPoolExecutor(workers, thread_name_prefix="rmbgd-encode", initializer=yield_to_model)
         self.batches: BatchQueue[Job] = BatchQueue(cfg.batch.size, cfg.batch.max_wait_ms / 1000.0)
         # The warm-up call is the first measure of what a call costs (see collector.py).
         for key, size, seconds in getattr(segmenter, "call_timings", ()):
@@ -104,7 +107,7 @@ class Pipeline:
         self._memory_limit: Optional[int] = None
         self._model_thread = threading.Thread(target=self._model_loop, name="rmbgd-model", daemon=True)
         self._stage_thread = threading.Thread(target=self._stage_loop, name="rmbgd-stage", daemon=True)
-        self._handoff = _Handoff()
+        self._handoff = Handoff()
         self._batch_ids = itertools.count(1)
         self._pending_lock = threading.Lock()
         self._pending: Set[Future] = set()
@@ -181,7 +184,7 @@ class Pipeline:
                 "task_failed",
                 input=str(job.input),
                 task=getattr(task, "__name__", repr(task)),
-                error=_describe(exc),
+                error=describe(exc),
                 left_claimed=left_claimed,
                 exc_info=exc,
             )
@@ -201,7 +204,7 @@ class Pipeline:
         return True
 
     def _retry_error(self, exc: BaseException) -> None:
-        self._log.error("retry_failed", error=_describe(exc), exc_info=exc)
+        self._log.error("retry_failed", error=describe(exc), exc_info=exc)
 
     def _track(self, future: Future) -> None:
         with self._pending_lock:
@@ -231,7 +234,7 @@ class Pipeline:
             self.fail(job, "decode", str(exc))
             return
         except Exception as exc:  # per-file boundary: one bad file must not stop the daemon
-            self.fail(job, "decode", _describe(exc), exc_info=True)
+            self.fail(job, "decode", describe(exc), exc_info=True)
             return
         job.ms["decode"] = ms_since(start)
         # The batch window opens now, when the image is ready for the model (as Triton's
@@ -257,126 +260,6 @@ class Pipeline:
             return self._resize(rgb, size)
         return self._stages.resize(rgb, size)
 
-    def _stage_loop(self) -> None:
-        """Take each batch as it comes due and get it ready for the model, while the model
-        thread runs the previous one."""
-        while self._handoff.wait_free():
-            batch = self.batches.get()
-            if batch is None:
-                self._handoff.close()
-                return
-            self._handoff.put((batch, self._staged(batch)))
-
-    def _staged(self, batch: List[Job]) -> Any:
-        """The batch's stacked model input (CPU path), or None to have the model thread make it."""
-        if not self._split:
-            return None
-        try:
-            return self._segmenter.stack([job.image.model_input for job in batch])
-        except Exception as exc:  # the model thread stacks again and meets the error at its per-batch boundary
-            self._log.debug("batch_not_staged", error=_describe(exc))
-            return None
-
-    def _model_loop(self) -> None:
-        while True:
-            # Marked busy before the slot is freed, so the stage thread, which wakes then,
-            # stages only a full batch beside this call (see collector.BatchQueue.model_busy).
-            item = self._handoff.get(on_take=lambda: self.batches.model_busy(True))
-            if item is None:
-                return
-            batch, staged = item
-            self._busy_since = time.monotonic()
-            try:
-                self._run_batch(batch, staged)
-            finally:
-                self._busy_since = None
-                self.batches.model_busy(False)
-            self.last_progress = time.monotonic()
-
-    def _run_batch(self, batch: List[Job], staged: Any = None) -> None:
-        started = time.monotonic()
-        for job in batch:
-            job.ms["wait"] = round((started - (job.queued_at or started)) * 1000.0, 1)
-        self._run_part(batch, staged)
-
-    def _run_part(self, batch: List[Job], staged: Any = None) -> None:
-        """One model call for `batch`; on GPU out-of-memory, its halves are tried instead."""
-        batch_id = next(self._batch_ids)
-        started = time.monotonic()
-        self._log.debug("batch_started", batch=batch_id, size=len(batch))
-        for job in batch:
-            job.batch = batch_id
-        failure: Optional[Tuple[str, bool]] = None
-        try:
-            masks = self._infer(batch, staged)
-        except Exception as exc:  # per-batch boundary: find the image that really fails
-            failure = (_describe(exc), self._stages.is_out_of_memory(exc))
-        # Retries happen only once the except block is left: until then the exception's
-        # traceback keeps the failed call's frames, and with them its GPU tensors, alive.
-        if failure is None:
-            ms = ms_since(started)
-            first = batch[0].image
-            self.batches.observe(self._model_size(first.width, first.height), len(batch), ms / 1000.0)
-            self._log.info("batch_done", batch=batch_id, size=len(batch), ms=ms, queued=len(self.batches))
-            self._on_batch(len(batch), ms)
-            for job, mask in zip(batch, masks):
-                self._inferred(job, mask, ms)
-            return
-        error, out_of_memory = failure
-        self._log.warning(
-            "batch_failed", batch=batch_id, size=len(batch), error=error, out_of_memory=out_of_memory
-        )
-        if not out_of_memory:
-            self._retry_singly(batch)
-        elif len(batch) == 1:
-            self.fail(batch[0], "inference", OUT_OF_GPU_MEMORY)
-        else:
-            half = (len(batch) + 1) // 2
-            self._lower_batch_size(half)
-            self._run_part(batch[:half])
-            self._run_part(batch[half:])
-
-    def _lower_batch_size(self, size: int) -> None:
-        """Batches of `size` images at most from now on, for the rest of the run."""
-        current = self.batches.size
-        if size >= current:
-            return
-        self._memory_limit = size
-        self.batches.reconfigure(size, self._cfg.batch.max_wait_ms / 1000.0)
-        self._log.warning("batch_size_lowered", batch_size=size, was=current, reason=OUT_OF_GPU_MEMORY)
-
-    def _retry_singly(self, batch: List[Job]) -> None:
-        for job in batch:
-            started = time.monotonic()
-            try:
-                (mask,) = self._infer([job])
-            except Exception as exc:  # per-file boundary
-                if self._stages.is_out_of_memory(exc):
-                    self.fail(job, "inference", OUT_OF_GPU_MEMORY)
-                else:
-                    self.fail(job, "inference", _describe(exc), exc_info=True)
-                continue
-            self._inferred(job, mask, ms_since(started))
-
-    def _inferred(self, job: Job, mask: Any, ms: float) -> None:
-        job.mask = mask
-        job.ms["infer"] = ms
-        if self._split:
-            # The normalised input is 4x the size of the decoded one; it is not needed again.
-            job.image = dataclasses.replace(job.image, model_input=None)
-        self._run_in(self._encode_pool, self._encode_and_publish, job)
-
-    def _infer(self, batch: List[Job], staged: Any = None) -> list:
-        if self._split:
-            inputs = staged if staged is not None else [job.image.model_input for job in batch]
-            return self._segmenter.predict_prepared(inputs)
-        first = batch[0].image
-        return self._segmenter.predict(
-            [job.image.model_input for job in batch],
-            [(job.image.width, job.image.height) for job in batch],
-            model_size=self._model_size(first.width, first.height),
-        )
-
     def _encode_and_publish(self, job: Job) -> None:
         # Read per file, not per run: a reload may have changed the output settings.
         out = self._cfg.output_for(job.claim.rel)
@@ -391,7 +274,7 @@ class Pipeline:
             self.fail(job, exc.stage, str(exc))
             return
         except Exception as exc:  # per-file boundary
-            self.fail(job, "encode", _describe(exc), exc_info=True)
+            self.fail(job, "encode", describe(exc), exc_info=True)
             return
         job.size = (job.image.width, job.image.height)
         job.release_image()
@@ -417,7 +300,7 @@ class Pipeline:
             self.fail(job, "write", str(exc))
             return
         except Exception as exc:  # per-file boundary
-            self.fail(job, "write", _describe(exc), exc_info=True)
+            self.fail(job, "write", describe(exc), exc_info=True)
             return
         job.ms["write"] = ms_since(start)
         job.ms["total"] = ms_since(job.ready_at)
@@ -441,64 +324,6 @@ class Pipeline:
             **({"retries": job.attempts} if job.attempts else {}),
         )
         self._on_finished(job)
-
-    def _write_failed(self, job: Job, exc: OSError) -> None:
-        if isinstance(exc, FinishingFailed):
-            # Published: never failed (it would be in the outbox and in errors/), and the
-            # intent has all it takes to finish, so the result need not stay in memory.
-            job.files = None
-            self._retry_later(job, "write", exc, self._deliver)
-            return
-        attempt = job.attempts + 1
-        roots_usable = getattr(self._publisher, "roots_usable", lambda: True)()
-        if write_error_verdict(exc.errno, attempt, roots_usable) is Verdict.FAIL:
-            tried = f" (tried {attempt} times)" if attempt > 1 else ""
-            self.fail(job, "write", _describe(exc) + tried)
-        else:
-            self._retry_later(job, "write", exc, self._deliver)
-
-    def _retry_later(self, job: Job, stage: str, exc: OSError, action: Callable[[Job], None]) -> None:
-        """Try `action` again after the backoff delay; meanwhile the job is parked (see the
-        module doc), unless too many parked files already keep a result."""
-        job.attempts += 1
-        delay = self._retry_delay(job.attempts)
-        with self._pending_lock:
-            if self._stopping:
-                return  # stays claimed (and counted in flight); the next start picks it up
-            park = job.files is None or len(self._holding) < self._max_parked
-            if park and job.files is not None:
-                self._holding.add(id(job))
-            if park:
-                job.parked = True
-        if park:
-            self._counters.park()
-        self._log.warning(
-            "file_retry",
-            input=str(job.input),
-            stage=stage,
-            error=_describe(exc),
-            attempt=job.attempts,
-            retry_in_s=delay,
-            parked=park,
-        )
-        # Once closed (a stop), it stays claimed and parked: counted as left claimed.
-        self._retries.call_later(delay, self._guarded, self._resubmit, job, action)
-
-    def _resubmit(self, job: Job, action: Callable[[Job], None]) -> None:
-        with self._pending_lock:
-            if self._stopping:
-                return
-        self._unpark(job)
-        self._run_in(self._encode_pool, action, job)
-
-    def _unpark(self, job: Job) -> None:
-        """Take an in-flight slot again (see Counters.unpark)."""
-        with self._pending_lock:
-            if not job.parked:
-                return
-            job.parked = False
-            self._holding.discard(id(job))
-        self._counters.unpark()
 
     # -- failures ---------------------------------------------------------------------------
     def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
@@ -528,63 +353,3 @@ class Pipeline:
             exc_info=exc_info,
         )
         self._on_finished(job)
-
-
-class _Handoff:
-    """One staged batch passed from the stage thread to the model thread.
-
-    The stage thread takes a batch from the collector only once the slot is free, so at
-    most one batch waits beside the one running, and other images keep gathering in the
-    collector meanwhile. Closing it (stop) leaves a waiting batch unrun and wakes both sides.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-
-    def wait_free(self) -> bool:
-        """Wait until the slot is empty; False once closed."""
-        with self._cond:
-            while self._item is not None and not self._closed:
-                self._cond.wait()
-            return not self._closed
-
-    def put(self, item: Any) -> None:
-        """Fill the slot (after wait_free); dropped when closed meanwhile: it stays claimed."""
-        with self._cond:
-            if not self._closed:
-                self._item = item
-                self._cond.notify_all()
-
-    def get(self, on_take: Callable[[], None] = lambda: None) -> Any:
-        """The next item, or None once closed; `on_take` runs before the slot shows as free."""
-        with self._cond:
-            while self._item is None and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            item, self._item = self._item, None
-            on_take()
-            self._cond.notify_all()
-            return item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-def _yield_to_model() -> None:
-    # Decode/encode threads run at a lower priority than the model thread, so feeding the
-    # accelerator never waits behind JPEG or PNG work (measured: +18-32% images/s on 2 cores).
-    # Linux applies nice values per thread; elsewhere this is a harmless no-op.
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (OSError, AttributeError):
-        return
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

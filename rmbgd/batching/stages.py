@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Tuple, Type
 
 @dataclass(frozen=True)
 class Stages:
-    # (path, *, input_size, max_pixels) -> a decoded image (rmbgd.imaging.images.DecodedImage)
+    # (path, *, input_size, max_pixels) -> a decoded image (rmbgd.imaging.decode.DecodedImage)
     decode: Callable[..., Any]
     # What `decode` raises for a file that is not a usable image: the file fails with its message.
     decode_error: Type[Exception]

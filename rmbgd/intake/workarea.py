@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Callable, Iterator, List, Optional
@@ -32,8 +31,6 @@ INTENT_SUFFIX = ".intent"
 # How often a move into our folder is retried when the folder it needs is removed under it
 # (release_dirs, run from the encode pool, removes emptied folders while claims come in).
 MOVE_ATTEMPTS = 8
-
-SYMLINK_REASON = "symbolic link: rmbgd never follows links; copy or move the file itself into the inbox"
 
 # Called with the path and the error for each dead peer's file that could not be taken over.
 OnAdoptError = Callable[[Path, OSError], None]
@@ -384,34 +381,3 @@ def _open_folder_nofollow(top: Path, rel: PurePath) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def special_file_reason(path: Path) -> Optional[str]:
-    """Why a claimed entry is no image file to open (stage `detect`); None for a regular file
-    (or one that is gone: the caller finds that out when it opens it).
-
-    Looked at with lstat only: a link's target is never read, a FIFO, socket or device never
-    opened (opening one could block or have side effects).
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISLNK(mode):
-        return SYMLINK_REASON
-    if stat.S_ISFIFO(mode):
-        return "not a regular file (a FIFO): never opened"
-    if stat.S_ISSOCK(mode):
-        return "not a regular file (a socket): never opened"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "not a regular file (a device node): never opened"
-    return "not a regular file"
-
-
-def is_regular_file(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False

@@ -34,6 +34,7 @@ from rmbgd.config.settings import (
     BACKEND_TORCH,
     DYNAMIC_INPUT_SIZE,
 )
+from rmbgd.errors import describe
 
 # The package each exported backend needs, and the extra that installs it.
 PACKAGES = {BACKEND_ONNXRUNTIME: "onnxruntime", BACKEND_OPENVINO: "openvino"}
@@ -350,9 +351,5 @@ def build_runner(
         raise
     except Exception as exc:  # noqa: BLE001
         # The backend boundary: exporters and runtimes raise anything; torch takes over.
-        raise BackendError(f"{backend}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise BackendError(f"{backend}: {type(exc).__name__}: {describe(exc, kind=False, limit=300)}") from exc
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from rmbgd.errors import describe
+
 # Long enough for a slow but working link to answer a HEAD request, short enough
 # that a daemon on an offline machine reports the problem at once instead of
 # sitting through huggingface_hub's retry back-off (about 23 s here).
@@ -147,12 +149,12 @@ def probe_hub(name: str, revision: Optional[str]) -> Optional[str]:
         ) from exc
     except errors.HfHubHTTPError as exc:
         # Server errors, rate limits, a proxy refusing: the cache may still do.
-        return first_line(exc)
+        return describe(exc, kind=False)
     except Exception as exc:  # noqa: BLE001
         # DNS, refused connections, TLS and timeouts surface as the HTTP
         # client's own exception types, which huggingface_hub does not
         # re-export; any of them means "the hub is out of reach".
-        return f"{type(exc).__name__}: {first_line(exc)}"
+        return describe(exc)
     return None
 
 
@@ -227,7 +229,7 @@ def fetch_model(cfg: Any, to: Optional[Path] = None) -> Path:
         # The model-loading boundary for downloads: network drops, full disks and
         # permission problems all end as one line for the operator.
         raise ModelLoadError(
-            f"model.name: downloading '{name}' failed: {type(exc).__name__}: {first_line(exc)}"
+            f"model.name: downloading '{name}' failed: {describe(exc)}"
         ) from exc
     return Path(folder)
 
@@ -255,11 +257,6 @@ def log_info(log: Any, event: str, **fields: Any) -> None:
         log.info(event, **fields)
     else:
         _stdlib_log.info("%s %s", event, fields)
-
-
-def first_line(value: object) -> str:
-    lines = str(value).strip().splitlines()
-    return lines[0].strip() if lines else "(no message)"
 
 
 def _env_flag(variable: str) -> bool:

@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
+from rmbgd.errors import describe
+
 # A full socket buffer on systemd's side must not stall the main loop for long; a
 # notification that cannot go out within this is dropped (and logged once).
 SEND_TIMEOUT_SECONDS = 1.0
@@ -130,7 +132,7 @@ class Notifier:
         self._log.warning(
             "notify_failed",
             socket=self.shown_address,
-            error=f"{type(exc).__name__}: {exc}",
+            error=describe(exc),
             note="further notify errors are not logged",
         )
 

@@ -107,6 +107,21 @@ def write_file_durably(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
+def replace_atomically(path: Path, data: bytes, temp: Optional[Path] = None) -> None:
+    """Replace `path` with `data`, so that a reader (or a crash) sees the old file or the new
+    one, never half of one: written to `temp` (default `.<name>.<pid>.tmp` beside it) and
+    fsynced, renamed over `path`, and the folder fsynced."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if temp is None else temp
+    temp.unlink(missing_ok=True)  # a crashed writer's leftover
+    write_file_durably(temp, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_temp(data: bytes, folder: Path, owner: str) -> Path:
     temp = temp_path_for(folder, owner)
     write_file_durably(temp, data)

@@ -39,8 +39,8 @@ from rmbgd.output.fsops import (
     place_unique,
     publish_bytes,
     remove_file,
+    replace_atomically,
     shorten_name,
-    write_file_durably,
     write_temp,
 )
 from rmbgd.output.files import OutputFile
@@ -314,11 +314,7 @@ class Publisher:
 
     def _write_intent(self, claim: Claim, intent: dict) -> None:
         path = claim.intent
-        temp = path.with_name(path.name + ".new")
-        temp.unlink(missing_ok=True)
-        write_file_durably(temp, json.dumps(intent).encode())
-        os.replace(temp, path)
-        fsync_dir(path.parent)
+        replace_atomically(path, json.dumps(intent).encode(), temp=path.with_name(path.name + ".new"))
 
     @staticmethod
     def _read_intent(claim: Claim) -> Optional[dict]:

@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 from PIL import Image
 
-from rmbgd.imaging.images import check_uint8
+from rmbgd.imaging.pixels import check_uint8
 
 __all__ = ["SUBJECT_THRESHOLD", "fit_within", "over_background", "subject_box"]
 
@@ -119,7 +119,7 @@ def over_background(rgb: np.ndarray, alpha: np.ndarray, colour: tuple[int, int, 
         plane -= np.uint16(value)
         plane *= alpha
         plane += np.uint16(255 * value + 128)
-    # Exact round(x / 255) given x + 128, as in rmbgd.imaging.images.combine_alpha; the largest
+    # Exact round(x / 255) given x + 128, as in rmbgd.imaging.pixels.combine_alpha; the largest
     # intermediate is 65025 + 128 + 254 < 2**16.
     out += out >> 8
     out >>= 8

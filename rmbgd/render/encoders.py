@@ -1,7 +1,7 @@
-"""WebP and JPEG encoders for results (PNG lives in rmbgd.imaging.images, written by hand for speed).
+"""WebP and JPEG encoders for results (PNG lives in rmbgd.render.png, written by hand for speed).
 
 Pillow + numpy only, never torch. Both take the same pixel arrays as
-:func:`rmbgd.imaging.images.encode_png` and embed the input's ICC profile and EXIF when given.
+:func:`rmbgd.render.png.encode_png` and embed the input's ICC profile and EXIF when given.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import numbers
 import numpy as np
 from PIL import Image
 
-from rmbgd.imaging.images import EXIF_PREFIX, checked_pixels, rgba_rows, tiff_exif
+from rmbgd.imaging.exif import EXIF_PREFIX, tiff_exif
+from rmbgd.imaging.pixels import checked_pixels, rgba_rows
 
 __all__ = ["encode_jpeg", "encode_webp"]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, List, Optional, Set
 
 from rmbgd import __version__
+from rmbgd.errors import describe
 from rmbgd.output import backoff
 from rmbgd.ops import logs
 from rmbgd.batching.collector import CallCost
@@ -45,7 +46,8 @@ from rmbgd.intake.readiness import Readiness, Seen
 from rmbgd.ops.service import Service
 from rmbgd.runtime.stages import image_stages
 from rmbgd.intake.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
-from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked, special_file_reason
+from rmbgd.intake.filekinds import special_file_reason
+from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked
 
 TICK_SECONDS = 0.1
 # Posted by worker threads when a job finishes, so the main loop claims the next file at once.
@@ -67,7 +69,8 @@ def load_model(cfg: Config, log: Any) -> Any:
     """Load and warm up `cfg.model`; raises StartupError with the one-line reason."""
     # Imported here: torch and transformers take seconds to import, and `rmbgd check` or
     # `--help` should not pay for that.
-    from rmbgd.model.segmenter import ModelLoadError, load_segmenter
+    from rmbgd.model.hub import ModelLoadError
+    from rmbgd.model.loading import load_segmenter
 
     try:
         segmenter = load_segmenter(cfg.model, log=log)
@@ -272,7 +275,7 @@ class Daemon:
         except OSError as exc:
             # The work area's filesystem failed mid-way: start anyway; what is left in a dead
             # instance's folder is adopted at the next rescan.
-            self.log.error("recover_failed", error=f"{type(exc).__name__}: {exc}")
+            self.log.error("recover_failed", error=describe(exc))
             claims = []
         finished = self._take_over(claims)
         removed = 0
@@ -507,7 +510,7 @@ class Daemon:
             except FileNotFoundError:
                 continue  # gone, or its folder is now a link leading out of the inbox
             except OSError as exc:
-                self.log.error("claim_failed", input=str(path), error=f"{type(exc).__name__}: {exc}")
+                self.log.error("claim_failed", input=str(path), error=describe(exc))
                 continue
             if claim is None:
                 # An earlier file of the same name is still in progress; look again later.
@@ -529,7 +532,7 @@ class Daemon:
             self.log.info("adopted", files=len(adopted), finished=finished)
 
     def _adopt_failed(self, path: Path, exc: OSError) -> None:
-        self.log.warning("adopt_failed", path=str(path), error=f"{type(exc).__name__}: {exc}",
+        self.log.warning("adopt_failed", path=str(path), error=describe(exc),
                          note="left where it is; tried again at the next rescan")
 
     def _start_job(self, claim: Claim) -> Job:
@@ -553,10 +556,6 @@ class Daemon:
             self._service.file_done()
         else:
             self._service.file_failed(job.input, job.stage, job.error)
-
-
-def describe_startup_failure(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def stderr_is_terminal() -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from rmbgd.errors import describe
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
 # What rmbgd itself imports, as (module, distribution). isal is optional (a faster zlib).
@@ -462,7 +464,7 @@ def check_pipeline(cfg: Any, device: str) -> Result:
         try:
             return _run_pipeline(cfg, device, Path(scratch))
         except Exception as exc:  # noqa: BLE001 - the check's boundary: any failure is its result
-            return Result(FAIL, "pipeline", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            return Result(FAIL, "pipeline", describe(exc, limit=300))
 
 
 def _run_pipeline(cfg: Any, device: str, scratch: Path) -> Result:

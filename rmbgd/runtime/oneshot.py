@@ -36,7 +36,8 @@ from rmbgd.batching.job import Counters, Job
 from rmbgd.intake.names import is_ignored_name
 from rmbgd.batching.pipeline import Pipeline, PublishError
 from rmbgd.output.publisher import Delivery
-from rmbgd.intake.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
+from rmbgd.intake.filekinds import SYMLINK_REASON, special_file_reason
+from rmbgd.intake.workarea import default_instance_name
 from rmbgd.runtime.stages import image_stages
 
 __all__ = [

@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 from rmbgd.batching.stages import Stages
-from rmbgd.imaging.images import ImageError, decode_image
+from rmbgd.imaging.decode import ImageError, decode_image
 from rmbgd.imaging.sizing import dynamic_input_size, resize_rgb
 from rmbgd.render.render import RenderError, render
 
@@ -20,7 +20,7 @@ def _refine(rgb: Any, alpha: Any, *, device: str = "cpu") -> Any:
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     # Imported here: torch is loaded by then (the model raised this).
-    from rmbgd.model.segmenter import is_out_of_memory
+    from rmbgd.model.device import is_out_of_memory
 
     return is_out_of_memory(exc)
 
