@@ -31,7 +31,8 @@ from rmbgd.config.settings import (
     load_config,
     parse_config,
 )
-from rmbgd.output.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, shorten_name, walk_files
+from rmbgd.output.files import companion_target, result_target
+from rmbgd.output.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, walk_files
 from rmbgd.batching.job import Counters, Job
 from rmbgd.intake.names import is_ignored_name
 from rmbgd.batching.pipeline import Pipeline, PublishError
@@ -271,14 +272,10 @@ class OneShotPublisher:
 
     def _publish(self, rel: PurePath, files: Sequence[Any]) -> List[Path]:
         first = files[0]
-        target = self._out / rel.parent / shorten_name(PurePath(rel.name).stem, first.suffix)
-        result = publish_bytes(first.data, target, self._owner)
+        result = publish_bytes(first.data, result_target(self._out, rel, first.suffix), self._owner)
         outputs = [result]
-        # Named after the name the result got (x-1.png → x-1.mask.png), as the daemon does,
-        # so a result and its mask stay recognisably a pair.
-        stem = result.name[: len(result.name) - len(first.suffix)] if first.suffix else result.name
         for item in files[1:]:
-            outputs.append(publish_bytes(item.data, result.with_name(shorten_name(stem, item.suffix)), self._owner))
+            outputs.append(publish_bytes(item.data, companion_target(result, first.suffix, item.suffix), self._owner))
         return outputs
 
     def _retire(self, source: Source) -> Path:
