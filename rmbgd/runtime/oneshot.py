@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path, PurePath
-from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Optional
 
 from rmbgd import __version__
 from rmbgd.ops import logs
@@ -31,13 +28,13 @@ from rmbgd.config.settings import (
     load_config,
     parse_config,
 )
-from rmbgd.output.files import companion_target, result_target
-from rmbgd.output.fsops import NAME_ERRNOS, OwnerLock, move_unique, publish_bytes, walk_files
+from rmbgd.output.fsops import OwnerLock
 from rmbgd.batching.job import Counters, Job
-from rmbgd.intake.names import is_ignored_name
-from rmbgd.batching.pipeline import Pipeline, PublishError
-from rmbgd.output.publisher import Delivery
-from rmbgd.intake.workarea import SYMLINK_REASON, default_instance_name, special_file_reason
+from rmbgd.batching.pipeline import Pipeline
+from rmbgd.intake.workarea import SYMLINK_REASON, special_file_reason
+from rmbgd.runtime.oneshot_publisher import OneShotPublisher, default_owner
+from rmbgd.runtime.plan import Plan, Source, UsageError, plan, remove_created
+from rmbgd.runtime.progress import Report, Summary, TerminalReport
 from rmbgd.runtime.stages import image_stages
 
 __all__ = [
@@ -52,8 +49,10 @@ __all__ = [
     "Source",
     "TerminalReport",
     "UsageError",
+    "default_owner",
     "load_settings",
     "plan",
+    "remove_created",
 ]
 
 EXIT_OK = 0
@@ -62,133 +61,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 TICK_SECONDS = 0.1
-# A write that keeps failing (disk full, a file where a folder should be) fails the file after
-# this many tries instead of being retried forever as in the daemon: nobody may be watching.
-WRITE_ATTEMPTS = 3
-
 _OPTION_OF_KEY = {"model.name": "--model", "model.device": "--device"}
 _PROCESS_SYMLINK_REASON = "symbolic link: rmbgd never follows links; give the file itself"
-
-
-class UsageError(Exception):
-    """The command line asks for something impossible (exit 2, before the model loads)."""
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(eq=False)
-class Source:
-    """One input: what the pipeline reads as a Claim (`path`, `rel`), plus delivery state.
-
-    `rel` is the path below the folder it was found in (just its name for a file given
-    directly): outputs mirror it and `profiles:` globs match it, as they do inbox paths.
-    """
-
-    rel: PurePath
-    path: Path
-    shown: str  # the path as the user would type it, for terminal messages
-    write_failures: int = 0
-    outputs: Optional[List[Path]] = None  # once published, a retry only retires the original
-
-
-@dataclass
-class Plan:
-    sources: List[Source]
-    out: Path
-    done: Optional[Path]
-    ignored: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    # Folders `plan` made for --out/--done (deepest last), removed again if the run never starts.
-    created: List[Path] = field(default_factory=list)
-
-
-def plan(paths: Sequence[str], out: str, done: Optional[str] = None) -> Plan:
-    """Expand the arguments into inputs and check the destinations; raises UsageError."""
-    roots = []
-    for raw in paths:
-        path = Path(os.path.abspath(os.path.expanduser(raw)))
-        if not os.path.lexists(path):
-            raise UsageError(f"no such file or folder: {raw}")
-        if not (path.is_dir() or path.is_file()):
-            raise UsageError(f"not a regular file or folder: {raw}")
-        roots.append((raw, path))
-    out_dir = _destination("--out", out, roots)
-    done_dir = _destination("--done", done, roots) if done is not None else None
-    # Created only once every argument is known to be usable.
-    created: List[Path] = []
-    for option, raw, path in (("--out", out, out_dir), ("--done", done, done_dir)):
-        if path is not None:
-            created += _create(option, raw, path)
-    result = Plan(sources=[], out=out_dir, done=done_dir, created=created)
-    seen = set()
-    for raw, path in roots:
-        found = _below(raw, path, result.ignored) if path.is_dir() else [Source(PurePath(path.name), path, raw)]
-        for source in found:
-            # The same file named twice (or given and also found in a folder) is done once.
-            # Its own name is not resolved: a link is an input of its own (that fails), never
-            # a stand-in for its target.
-            real = os.path.join(os.path.realpath(source.path.parent), source.path.name)
-            if real not in seen:
-                seen.add(real)
-                result.sources.append(source)
-    return result
-
-
-def _destination(option: str, raw: str, roots: List[Tuple[str, Path]]) -> Path:
-    path = Path(os.path.abspath(os.path.expanduser(raw)))
-    if os.path.lexists(path) and not path.is_dir():
-        raise UsageError(f"{option} {raw}: exists and is not a folder")
-    real = Path(os.path.realpath(path))
-    for shown, root in roots:
-        if root.is_dir() and real.is_relative_to(os.path.realpath(root)):
-            # Results (or moved originals) inside an input folder would be inputs next time.
-            raise UsageError(f"{option} {raw}: must not be inside the input folder {shown}")
-    return path
-
-
-def _create(option: str, raw: str, path: Path) -> List[Path]:
-    """Make `path` (and missing parents); return the folders this made, outermost first."""
-    missing = []
-    for folder in (path, *path.parents):
-        if os.path.lexists(folder):
-            break
-        missing.append(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"{option} {raw}: cannot create: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {raw}: folder is not writable by this user")
-    return missing[::-1]
-
-
-def remove_created(work: Plan) -> None:
-    """Remove the folders `plan` made, if still empty: a run that never started leaves none."""
-    for folder in reversed(work.created):
-        try:
-            folder.rmdir()
-        except OSError:
-            # Not empty (someone put something there meanwhile) or already gone: leave it.
-            continue
-
-
-def _below(raw: str, top: Path, ignored: List[Tuple[str, str]]) -> List[Source]:
-    """Every file under `top`, hidden and partial names skipped, symlinked folders not entered."""
-    sources = []
-    for entry in walk_files(top, skip=lambda entry: is_ignored_name(entry.name)):
-        path = Path(entry.path)
-        rel = path.relative_to(top)
-        shown = os.path.join(raw, str(rel))
-        if entry.is_symlink() and entry.is_dir():
-            ignored.append((shown, "symbolic link to a folder: not followed"))
-        elif entry.is_file() or entry.is_symlink():
-            # A dangling link stays in, to fail with its reason rather than vanish unreported.
-            sources.append(Source(rel, path, shown))
-        else:
-            # FIFOs, sockets and devices are never opened, as in the daemon.
-            ignored.append((shown, "not a regular file"))
-    sources.sort(key=lambda source: source.rel.as_posix())
-    return sources
 
 
 # --------------------------------------------------------------------------- settings
@@ -224,285 +98,6 @@ def _as_option(problem: str) -> str:
         if problem.startswith(key + ":"):
             return option + problem[len(key):]
     return problem
-
-
-# --------------------------------------------------------------------------- publishing
-
-
-@dataclass(frozen=True)
-class Kept:
-    """A failed input: left where it was; the reason is in the log and the summary."""
-
-    moved_to: Path
-    sidecar: Optional[Path] = None
-
-
-class WriteFailed(PublishError):
-    """Writing a result kept failing: the pipeline fails the file (it retries OSErrors forever)."""
-
-
-class OneShotPublisher:
-    """Results into `out` (mirroring `rel`), originals left alone or moved to `done`.
-
-    Each file appears atomically under a name nothing else holds (x.png, x-1.png, …), so a
-    second run, or two inputs x.jpg and x.png, never overwrite a result.
-    """
-
-    def __init__(self, out: Path, done: Optional[Path], owner: str) -> None:
-        self._out = out
-        self._done = done
-        self._owner = owner
-
-    def deliver(self, source: Source, files: Sequence[Any]) -> Delivery:
-        if not files:
-            raise ValueError("nothing to deliver")
-        try:
-            if source.outputs is None:
-                source.outputs = self._publish(source.rel, files)
-            original = self._retire(source)
-        except OSError as exc:
-            source.write_failures += 1
-            if exc.errno in NAME_ERRNOS or source.write_failures < WRITE_ATTEMPTS:
-                raise  # the pipeline fails a bad name at once and retries the rest
-            raise WriteFailed(f"{_describe_os_error(exc)} (tried {WRITE_ATTEMPTS} times)") from exc
-        return Delivery(output=source.outputs[0], original=original, extra=tuple(source.outputs[1:]))
-
-    def reject(self, source: Source, *, stage: str, error: str) -> Kept:
-        return Kept(moved_to=source.path)
-
-    def _publish(self, rel: PurePath, files: Sequence[Any]) -> List[Path]:
-        first = files[0]
-        result = publish_bytes(first.data, result_target(self._out, rel, first.suffix), self._owner)
-        outputs = [result]
-        for item in files[1:]:
-            outputs.append(publish_bytes(item.data, companion_target(result, first.suffix, item.suffix), self._owner))
-        return outputs
-
-    def _retire(self, source: Source) -> Path:
-        if self._done is None:
-            return source.path
-        return move_unique(source.path, self._done / source.rel, self._owner)
-
-
-def _describe_os_error(exc: OSError) -> str:
-    where = f": {exc.filename}" if exc.filename else ""
-    return f"cannot write{where}: {exc.strerror or exc}"
-
-
-def default_owner() -> str:
-    # Tags temp files like the daemon's, so a crashed run's leftovers are recognisable.
-    return f"process-{default_instance_name()}"
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-@dataclass(frozen=True)
-class Summary:
-    total: int
-    processed: int
-    failed: int
-    seconds: float
-    images_per_s: float
-    interrupted: bool
-    out: Path
-    done: Optional[Path]
-
-    @property
-    def unfinished(self) -> int:
-        return self.total - self.processed - self.failed
-
-    def fields(self) -> Dict[str, Any]:
-        return {
-            "processed": self.processed,
-            "failed": self.failed,
-            "total": self.total,
-            "unfinished": self.unfinished,
-            "seconds": self.seconds,
-            "images_per_s": self.images_per_s,
-            "interrupted": self.interrupted,
-            "out": str(self.out),
-            **({"done": str(self.done)} if self.done is not None else {}),
-        }
-
-
-class Report:
-    """What a run shows besides its JSON log; this one adds nothing (the log says it all)."""
-
-    log_stream: Optional[IO[str]] = None
-
-    def loading(self, model: str) -> None:
-        pass
-
-    def begin(self, total: int) -> None:
-        pass
-
-    def file_finished(self, job: Job) -> None:
-        pass
-
-    def tick(self, processed: int, failed: int, force: bool = False) -> None:
-        pass
-
-    def summary(self, summary: Summary) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class TerminalReport(Report):
-    """For a person at a terminal: a one-line progress bar, a line per failure, a summary.
-
-    The JSON log is read here instead of printed: warnings and errors become readable lines
-    above the bar, everything else (one line per file) would only scroll it away.
-    """
-
-    REDRAW_SECONDS = 0.1
-    # Shown from their own line (failures) or by the CLI (start-up failures) instead.
-    _SHOWN_ELSEWHERE = frozenset({"file_failed", "startup_failed", "file_done", "summary"})
-
-    def __init__(self, stream: IO[str], clock=time.monotonic) -> None:
-        self._stream = stream
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._bar = ""
-        self._total = 0
-        self._started: Optional[float] = None
-        self._last_draw = 0.0
-        self.log_stream = _LogReader(self._log_record)
-
-    # -- phases -----------------------------------------------------------------------------
-    def loading(self, model: str) -> None:
-        self._set_bar(f"loading model {model} …")
-
-    def begin(self, total: int) -> None:
-        with self._lock:
-            self._total = total
-            self._started = self._clock()
-        self.tick(0, 0, force=True)
-
-    def file_finished(self, job: Job) -> None:
-        if job.error is not None:
-            self._line(f"failed: {job.claim.shown}: {job.error} (stage: {job.stage})")
-
-    def tick(self, processed: int, failed: int, force: bool = False) -> None:
-        now = self._clock()
-        with self._lock:
-            if self._started is None or (not force and now - self._last_draw < self.REDRAW_SECONDS):
-                return
-            self._last_draw = now
-            self._set_bar(self._progress(processed, failed, now - self._started))
-
-    def summary(self, summary: Summary) -> None:
-        done = summary.processed + summary.failed
-        lines = []
-        if summary.interrupted:
-            lines.append(
-                f"Interrupted after {summary.seconds:.1f} s: {done} of {summary.total} files finished, "
-                f"{summary.unfinished} not started (left untouched)."
-            )
-        elif summary.total == 0:
-            lines.append("No files to process.")
-        else:
-            lines.append(
-                f"Processed {summary.processed} of {summary.total} files in {summary.seconds:.1f} s "
-                f"({summary.images_per_s:.1f} images/s)."
-            )
-        if summary.failed:
-            lines.append(f"{summary.failed} failed (listed above); their inputs were left in place.")
-        if summary.unfinished and not summary.interrupted:
-            lines.append(f"{summary.unfinished} not finished (see the errors above).")
-        if summary.processed:
-            lines.append(f"Results are in {summary.out}")
-            if summary.done is not None:
-                lines.append(f"Originals were moved to {summary.done}")
-        with self._lock:
-            self._set_bar("")
-            self._write("".join(line + "\n" for line in lines))
-
-    def close(self) -> None:
-        self._set_bar("")
-
-    # -- drawing ----------------------------------------------------------------------------
-    def _progress(self, processed: int, failed: int, elapsed: float) -> str:
-        done = processed + failed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self._total - done) / rate if rate > 0 else None
-        text = (
-            f" {done}/{self._total}  {failed} failed  {rate:.1f} images/s  "
-            f"ETA {_duration(eta) if eta is not None else '--'}"
-        )
-        width = _columns(self._stream) - 1
-        room = min(40, width - len(text) - 2)
-        if room >= 10:
-            filled = room * done // self._total if self._total else room
-            text = "[" + "#" * filled + "." * (room - filled) + "]" + text
-        return text[:width]
-
-    def _set_bar(self, text: str) -> None:
-        with self._lock:
-            self._bar = text
-            self._write("\r\x1b[K" + text)
-
-    def _line(self, text: str) -> None:
-        # Above the bar: clear it, write the line, draw the bar again below it.
-        with self._lock:
-            self._write("\r\x1b[K" + text + "\n" + self._bar)
-
-    def _write(self, text: str) -> None:
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass  # the terminal went away; the run itself goes on
-
-    def _log_record(self, record: Dict[str, Any]) -> None:
-        level = record.get("level", "")
-        event = record.get("event", "")
-        if level not in ("warning", "error", "critical") or event in self._SHOWN_ELSEWHERE:
-            return
-        detail = next((record[key] for key in ("error", "reason", "note") if record.get(key)), None)
-        where = f" {record['input']}" if record.get("input") else ""
-        text = f"{level}: {event}{where}" + (f": {detail}" if detail else "")
-        if level == "critical" and record.get("exception"):
-            text += "\n" + str(record["exception"]).rstrip()  # a bug in rmbgd: keep its traceback
-        self._line(text)
-
-
-class _LogReader:
-    """A text stream for the log handler that hands each JSON line to `on_record`."""
-
-    def __init__(self, on_record) -> None:
-        self._on_record = on_record
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self._on_record(record)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-def _columns(stream: IO[str]) -> int:
-    try:
-        return os.get_terminal_size(stream.fileno()).columns or 80
-    except (AttributeError, OSError, ValueError):
-        return shutil.get_terminal_size().columns
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 # --------------------------------------------------------------------------- the run
