@@ -1,17 +1,24 @@
-"""What `rmbgd process` shows besides its JSON log: nothing, or a progress bar and a summary."""
+"""What `rmbgd process` shows besides its JSON log: nothing, or a progress bar and a summary.
+
+The runner calls a Report directly as its work goes (loading, begin, file_finished, tick,
+summary); on a terminal, TerminalReport draws that with rich.progress and also gets the log
+records, as event dicts (ops/logs.py's sink), to show warnings and errors as plain lines.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
+from rich.text import Text
 
 from rmbgd.batching.job import Job
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -45,7 +52,8 @@ class Summary:
 class Report:
     """What a run shows besides its JSON log; this one adds nothing (the log says it all)."""
 
-    log_stream: Optional[IO[str]] = None
+    # Where log records go instead of stdout's JSON lines, if anywhere (see logs.configure).
+    log_sink: Optional[Callable[[Dict[str, Any]], None]] = None
 
     def loading(self, model: str) -> None:
         pass
@@ -66,48 +74,73 @@ class Report:
         pass
 
 
-class TerminalReport(Report):
-    """For a person at a terminal: a one-line progress bar, a line per failure, a summary.
+class _Counts(ProgressColumn):
+    """`done/total  N failed  R images/s  ETA t`, once the total is known."""
 
-    The JSON log is read here instead of printed: warnings and errors become readable lines
-    above the bar, everything else (one line per file) would only scroll it away.
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        done = int(task.completed)
+        elapsed = task.elapsed or 0.0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (task.total - done) / rate if rate > 0 else None
+        return Text(
+            f"{done}/{int(task.total)}  {task.fields.get('failed', 0)} failed  {rate:.1f} images/s  "
+            f"ETA {_duration(eta) if eta is not None else '--'}"
+        )
+
+
+class TerminalReport(Report):
+    """For a person at a terminal: a progress bar, a line per failure, a summary.
+
+    Warnings and errors from the log become readable lines above the bar; everything else
+    (one line per file) would only scroll it away.
     """
 
-    REDRAW_SECONDS = 0.1
     # Shown from their own line (failures) or by the CLI (start-up failures) instead.
     _SHOWN_ELSEWHERE = frozenset({"file_failed", "startup_failed", "file_done", "summary"})
 
-    def __init__(self, stream: IO[str], clock=time.monotonic) -> None:
-        self._stream = stream
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._bar = ""
-        self._total = 0
-        self._started: Optional[float] = None
-        self._last_draw = 0.0
-        self.log_stream = _LogReader(self._log_record)
+    def __init__(self, stream: IO[str], clock: Callable[[], float] = time.monotonic) -> None:
+        # Decided by the caller (stderr is a terminal), so rich need not guess it again.
+        self._console = Console(file=stream, force_terminal=True, highlight=False, markup=False, emoji=False)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=40),
+            _Counts(),
+            console=self._console,
+            get_time=clock,
+            # stdout and stderr stay as they are: nothing else is written to them meanwhile,
+            # and the CLI's own one-line errors must not go through rich.
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._lock = threading.Lock()
+        self._task: Optional[TaskID] = None
+        self._shown = False
+        self.log_sink = self._log_record
 
     # -- phases -----------------------------------------------------------------------------
     def loading(self, model: str) -> None:
-        self._set_bar(f"loading model {model} …")
+        with self._lock:
+            self._show()
+            self._task = self._progress.add_task(f"loading model {model} …", total=None)
 
     def begin(self, total: int) -> None:
         with self._lock:
-            self._total = total
-            self._started = self._clock()
-        self.tick(0, 0, force=True)
+            self._show()
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task("", total=total, failed=0)
 
     def file_finished(self, job: Job) -> None:
         if job.error is not None:
             self._line(f"failed: {job.claim.shown}: {job.error} (stage: {job.stage})")
 
     def tick(self, processed: int, failed: int, force: bool = False) -> None:
-        now = self._clock()
         with self._lock:
-            if self._started is None or (not force and now - self._last_draw < self.REDRAW_SECONDS):
+            if self._task is None or not self._shown:
                 return
-            self._last_draw = now
-            self._set_bar(self._progress(processed, failed, now - self._started))
+            self._progress.update(self._task, completed=processed + failed, failed=failed, refresh=force)
 
     def summary(self, summary: Summary) -> None:
         done = summary.processed + summary.failed
@@ -132,43 +165,27 @@ class TerminalReport(Report):
             lines.append(f"Results are in {summary.out}")
             if summary.done is not None:
                 lines.append(f"Originals were moved to {summary.done}")
-        with self._lock:
-            self._set_bar("")
-            self._write("".join(line + "\n" for line in lines))
+        self.close()
+        for line in lines:
+            self._line(line)
 
     def close(self) -> None:
-        self._set_bar("")
+        # Leaves the last drawing of the bar in place, and the cursor visible again.
+        with self._lock:
+            if self._shown:
+                self._shown = False
+                self._progress.stop()
 
     # -- drawing ----------------------------------------------------------------------------
-    def _progress(self, processed: int, failed: int, elapsed: float) -> str:
-        done = processed + failed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self._total - done) / rate if rate > 0 else None
-        text = (
-            f" {done}/{self._total}  {failed} failed  {rate:.1f} images/s  "
-            f"ETA {_duration(eta) if eta is not None else '--'}"
-        )
-        width = _columns(self._stream) - 1
-        room = min(40, width - len(text) - 2)
-        if room >= 10:
-            filled = room * done // self._total if self._total else room
-            text = "[" + "#" * filled + "." * (room - filled) + "]" + text
-        return text[:width]
-
-    def _set_bar(self, text: str) -> None:
-        with self._lock:
-            self._bar = text
-            self._write("\r\x1b[K" + text)
+    def _show(self) -> None:
+        if not self._shown:
+            self._shown = True
+            self._progress.start()
 
     def _line(self, text: str) -> None:
-        # Above the bar: clear it, write the line, draw the bar again below it.
-        with self._lock:
-            self._write("\r\x1b[K" + text + "\n" + self._bar)
-
-    def _write(self, text: str) -> None:
+        # Above the bar while it is shown (rich keeps it below what is printed).
         try:
-            self._stream.write(text)
-            self._stream.flush()
+            self._console.print(Text(text), soft_wrap=True)
         except (OSError, ValueError):
             pass  # the terminal went away; the run itself goes on
 
@@ -183,33 +200,6 @@ class TerminalReport(Report):
         if level == "critical" and record.get("exception"):
             text += "\n" + str(record["exception"]).rstrip()  # a bug in rmbgd: keep its traceback
         self._line(text)
-
-
-class _LogReader:
-    """A text stream for the log handler that hands each JSON line to `on_record`."""
-
-    def __init__(self, on_record) -> None:
-        self._on_record = on_record
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self._on_record(record)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-def _columns(stream: IO[str]) -> int:
-    try:
-        return os.get_terminal_size(stream.fileno()).columns or 80
-    except (AttributeError, OSError, ValueError):
-        return shutil.get_terminal_size().columns
 
 
 def _duration(seconds: float) -> str:
