@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
+# Kept on purpose: one sendto() of text lines needs no libsystemd binding or extra dependency.
+
 # A full socket buffer on systemd's side must not stall the main loop for long; a
 # notification that cannot go out within this is dropped (and logged once).
 SEND_TIMEOUT_SECONDS = 1.0
