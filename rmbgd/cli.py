@@ -256,7 +256,8 @@ def _process(args: argparse.Namespace) -> int:
     from rmbgd.runtime.daemon import StartupError, stderr_is_terminal
 
     report = oneshot.TerminalReport(sys.stderr) if stderr_is_terminal() and not args.json else oneshot.Report()
-    logs.configure("info", stream=report.log_stream or sys.stdout)
+    # On a terminal the log's records go to the report, which shows warnings and errors.
+    logs.configure("info", stream=sys.stdout, sink=report.log_sink)
     log = logs.get_logger()
     try:
         cfg = oneshot.load_settings(args.config, model=args.model, device=args.device)

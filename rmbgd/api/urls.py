@@ -20,6 +20,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import httpx
 
+from rmbgd.errors import describe
+
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 # (host, port) -> the addresses it resolves to, as text, in the resolver's order.
 Resolver = Callable[[str, int], List[str]]
@@ -211,8 +213,9 @@ class _open:
             except httpx.ConnectError as exc:
                 last = exc  # the next address may answer
             except httpx.HTTPError as exc:
-                raise FetchFailed(f"fetching {self._url.host} failed: {_describe(exc)}") from None
-        raise FetchFailed(f"cannot connect to {self._url.host}: {_describe(last)}")
+                raise FetchFailed(f"fetching {self._url.host} failed: {describe(exc)}") from None
+        reason = describe(last) if last is not None else "no address to connect to"
+        raise FetchFailed(f"cannot connect to {self._url.host}: {reason}")
 
     def __exit__(self, *exc_info: object) -> None:
         if self._response is not None:
@@ -232,7 +235,7 @@ def _read_capped(response: httpx.Response, max_bytes: int, deadline: float) -> b
             if time.monotonic() > deadline:
                 raise FetchFailed("the download took too long")
     except httpx.HTTPError as exc:
-        raise FetchFailed(f"the download failed: {_describe(exc)}") from None
+        raise FetchFailed(f"the download failed: {describe(exc)}") from None
     return bytes(body)
 
 
@@ -241,10 +244,3 @@ def _remaining(deadline: float) -> float:
     if left <= 0:
         raise FetchFailed("the download took too long")
     return left
-
-
-def _describe(exc: Optional[BaseException]) -> str:
-    if exc is None:
-        return "no address to connect to"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

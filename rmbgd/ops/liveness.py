@@ -67,6 +67,7 @@ def _startup_error(doc: Mapping[str, Any]) -> str:
     return str(error) if error else "no reason recorded"
 
 
+# Kept on purpose: two /proc reads tell a reused pid from ours without psutil (a compiled dependency).
 def _pid_alive(pid: int, proc_start: Any) -> bool:
     start = process_start(pid)
     if start is not None:

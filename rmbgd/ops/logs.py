@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Any, Callable, Optional
 
 import structlog
 
@@ -156,6 +156,33 @@ def _json_formatter() -> logging.Formatter:
     )
 
 
+class _SinkHandler(logging.Handler):
+    """Each record as the event dict a JSON line would hold, handed to a callable instead of
+    being written (`rmbgd process` on a terminal shows some of them as lines)."""
+
+    def __init__(self, sink: Callable[[dict], None]) -> None:
+        super().__init__()
+        self._sink = sink
+        self.setFormatter(structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*_SHARED, _add_origin],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                self._deliver,
+            ],
+        ))
+
+    def _deliver(self, logger: Any, method: str, event_dict: dict) -> str:
+        self._sink(event_dict)
+        return ""  # a formatter's chain must end in a string; nothing is written
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.format(record)
+        except Exception:
+            self.handleError(record)
+
+
 class _LogFile(logging.handlers.WatchedFileHandler):
     """A watched log file whose write errors are reported once, as JSON on stdout.
 
@@ -210,18 +237,26 @@ _file_lock = threading.Lock()
 
 
 def configure(
-    level: str = "info", stream: Optional[IO[str]] = None, file: Optional[Path] = None
+    level: str = "info",
+    stream: Optional[IO[str]] = None,
+    file: Optional[Path] = None,
+    sink: Optional[Callable[[dict], None]] = None,
 ) -> None:
-    """Route everything to `stream` (stdout) as JSON lines, and to `file` when given.
+    """Route everything to `stream` (stdout) as JSON lines, and to `file` when given; with
+    `sink`, each record's event dict goes to that callable instead of `stream`.
 
     Raises OSError when `file` cannot be opened; stdout logging is set up before that, so
     the caller can still log why.
     """
     global _file_handler
     out = stream or sys.stdout
-    handler = _JournalHandler(out) if is_journal_stream(out) else _StdoutHandler(out)
+    handler: logging.Handler
+    if sink is not None:
+        handler = _SinkHandler(sink)
+    else:
+        handler = _JournalHandler(out) if is_journal_stream(out) else _StdoutHandler(out)
+        handler.setFormatter(_json_formatter())
     _reader_gone.clear()
-    handler.setFormatter(_json_formatter())
     root = logging.getLogger()
     with _file_lock:
         for old in list(root.handlers):

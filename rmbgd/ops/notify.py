@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional
 
 from rmbgd.errors import describe
 
+# Kept on purpose: one sendto() of text lines needs no libsystemd binding or extra dependency.
+
 # A full socket buffer on systemd's side must not stall the main loop for long; a
 # notification that cannot go out within this is dropped (and logged once).
 SEND_TIMEOUT_SECONDS = 1.0

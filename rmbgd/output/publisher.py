@@ -43,7 +43,7 @@ from rmbgd.output.fsops import (
     shorten_name,
     write_temp,
 )
-from rmbgd.output.files import OutputFile
+from rmbgd.output.files import OutputFile, companion_target, result_target
 from rmbgd.intake.workarea import Claim
 
 
@@ -89,8 +89,7 @@ class Publisher:
         self._log = log
 
     def output_target(self, rel: PurePath, suffix: str = ".png") -> Path:
-        # A name at NAME_MAX with a short or no extension would outgrow it as .png.
-        return self._paths.outbox / rel.parent / shorten_name(PurePath(rel.name).stem, suffix)
+        return result_target(self._paths.outbox, rel, suffix)
 
     def roots_usable(self) -> bool:
         """Whether every configured output root is a folder this process may write in.
@@ -230,9 +229,7 @@ class Publisher:
                 if index == 0:
                     wanted = target
                 else:
-                    name = outputs[0].name
-                    stem = name[: len(name) - len(target.suffix)] if target.suffix else name
-                    wanted = outputs[0].with_name(shorten_name(stem, entry["suffix"]))
+                    wanted = companion_target(outputs[0], target.suffix, entry["suffix"])
                 found = find_linked(wanted, entry["ino"], entry["dev"])
                 if found is None and not _is_temp_of(entry):
                     _withdraw(outputs)

@@ -1,68 +1,56 @@
-"""The daemon's life: start-up → main loop → orderly shutdown.
+"""`rmbgd run`: the daemon's phases, filled into the shared lifecycle (lifecycle.py).
 
-Signal handlers only record what was asked; the main loop notices within one tick and acts:
-the first SIGTERM/SIGINT drains (the batch in flight is finished, everything else stays safely
-claimed or in the inbox for the next start), a second one exits at once, which is still safe
-because nothing is ever half-written in place. While the model loads (in a worker thread, so
-the main thread keeps noticing), a signal stops at once: nothing is claimed yet.
+The first SIGTERM/SIGINT drains: the batch in flight is finished, everything else stays
+safely claimed or in the inbox for the next start. SIGHUP re-reads the config (`_reload`).
+The inbox side (watching, readiness, claiming) is inbox.py; finishing what a crashed
+predecessor or a dead peer left is recovery.py.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import os
-import queue
 import signal
-import stat
 import sys
-import threading
 import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
-from typing import Any, Callable, Deque, List, Optional, Set
+from typing import Any, Optional
 
-from rmbgd import __version__
-from rmbgd.errors import describe
-from rmbgd.output import backoff
-from rmbgd.ops import logs
 from rmbgd.batching.collector import CallCost
+from rmbgd.batching.job import Counters, Job
+from rmbgd.batching.pipeline import Pipeline
 from rmbgd.config.settings import (
     Config,
     ConfigError,
     check_folders,
-    effective_max_in_flight,
-    effective_workers,
     load_config,
     prepare_folders,
 )
-from rmbgd.output.fsops import remove_orphan_temps
-from rmbgd.batching.job import Counters, Job
-from rmbgd.batching.pipeline import Pipeline
-from rmbgd.output.publisher import Publisher
-from rmbgd.ops.metrics import MetricsUnavailable
-from rmbgd.intake.readiness import Readiness, Seen
-from rmbgd.ops.service import Service
-from rmbgd.runtime.stages import image_stages
-from rmbgd.intake.watcher import RESCAN, SCAN_DIR, WatchUnavailable, Watcher, scan, signature_of
+from rmbgd.intake.readiness import Readiness
+from rmbgd.intake.watcher import WatchUnavailable, Watcher
 from rmbgd.intake.filekinds import special_file_reason
 from rmbgd.intake.workarea import Claim, WorkArea, WorkAreaLocked
+from rmbgd.ops import logs
+from rmbgd.ops.metrics import MetricsUnavailable
+from rmbgd.ops.service import Service
+from rmbgd.output import backoff
+from rmbgd.output.publisher import Publisher
+from rmbgd.runtime.inbox import InboxFeed
+from rmbgd.runtime.lifecycle import (
+    EXIT_FAILURE,
+    EXIT_FORCED,
+    EXIT_OK,
+    TICK_SECONDS,
+    Lifecycle,
+    StartupError,
+    in_flight_limit,
+)
+from rmbgd.runtime.recovery import Recovery
+from rmbgd.runtime.stages import image_stages
 
-TICK_SECONDS = 0.1
-# Posted by worker threads when a job finishes, so the main loop claims the next file at once.
-WAKE = "wake"
+__all__ = ["DRAIN_TIMEOUT_SECONDS", "EXIT_FAILURE", "EXIT_FORCED", "EXIT_OK", "Daemon", "StartupError", "load_model"]
+
 # How long a drain may take before the daemon gives up and exits anyway (the unclaimed and
 # unfinished files are safe either way); systemd's TimeoutStopSec must stay above this.
 DRAIN_TIMEOUT_SECONDS = 60.0
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_FORCED = 130
-
-
-class StartupError(Exception):
-    """A one-line reason the daemon cannot start (bad folders, model not loadable)."""
 
 
 def load_model(cfg: Config, log: Any) -> Any:
@@ -97,117 +85,65 @@ def call_cost_fields(segmenter: Any) -> dict:
     return fields
 
 
-def load_model_watching(cfg: Config, log: Any, tick: Callable[[], None]) -> Any:
-    """`load_model` in a worker thread, calling `tick` every TICK_SECONDS meanwhile.
-
-    A download or load can take minutes, mostly inside torch, transformers or the network,
-    where the main thread would not get back to the daemon's own code. Waiting here instead
-    keeps the signal handling live: `tick` may end the process (os._exit), which abandons
-    the load safely, since nothing in the folders has been touched yet.
-    """
-    outcome: Future = Future()
-
-    def work() -> None:
-        try:
-            outcome.set_result(load_model(cfg, log))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, raised there
-            outcome.set_exception(exc)
-
-    # A daemon thread: a process leaving through os._exit must not wait for it either way.
-    threading.Thread(target=work, name="rmbgd-model-load", daemon=True).start()
-    while True:
-        try:
-            return outcome.result(timeout=TICK_SECONDS)
-        except FutureTimeout:
-            tick()
-
-
-class Daemon:
+class Daemon(Lifecycle):
     # How long a file waits before its write is retried (the in-process tests shorten it).
     retry_delay = staticmethod(backoff.retry_delay)
 
     def __init__(self, cfg: Config, log: Any, clock=time.monotonic, instance: Optional[str] = None) -> None:
-        self.cfg = cfg
-        self.log = log
+        super().__init__(cfg, log, Counters())
         self._clock = clock
-        self._signals = 0
-        self._signal_name: Optional[str] = None
-        self._events: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
-        self._readiness = Readiness(cfg.watch.settle_seconds, cfg.watch.writer_timeout_seconds)
-        self._backlog: Deque[Path] = collections.deque()
-        self._backlog_set: Set[Path] = set()
-        self._ignored_logged: Set[Path] = set()
-        self._counters = Counters()
-        self._max_in_flight = max(effective_max_in_flight(cfg), cfg.batch.size)
         self._work = WorkArea(cfg.paths.inbox, instance)
         self._service = Service(cfg, log, instance=self._work.instance)
         self._reload_requested = False
+        readiness = Readiness(cfg.watch.settle_seconds, cfg.watch.writer_timeout_seconds)
+        self._feed = InboxFeed(cfg.paths.inbox, self._work, readiness, log, clock, self._has_room, self._start_job)
         self._pipeline: Optional[Pipeline] = None
         self._publisher: Optional[Publisher] = None
+        self._recovery: Optional[Recovery] = None
         self._watcher: Optional[Watcher] = None
 
-    # -- signals ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        super().install_signal_handlers()
         signal.signal(signal.SIGHUP, self._on_hangup)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._signals += 1
-        self._signal_name = signal.Signals(signum).name
 
     def _on_hangup(self, signum: int, frame: object) -> None:
         self._reload_requested = True
 
-    @property
-    def stop_requested(self) -> bool:
-        # A broken stdout pipe stops the daemon like a SIGTERM (logs.py).
-        return self._signals > 0 or logs.reader_gone()
-
-    def _stop_reason(self) -> Optional[str]:
-        return self._signal_name or ("log_reader_gone" if logs.reader_gone() else None)
-
-    def _stop_code(self) -> int:
-        return EXIT_OK if self._signals or not logs.reader_gone() else logs.EXIT_LOG_READER_GONE
-
-    def _check_forced(self) -> None:
-        if self._signals >= 2:
-            self.log.warning("stopped", reason="second signal, stopping at once", forced=True, **self._counters.snapshot())
-            os._exit(EXIT_FORCED)
-
-    # -- life cycle -------------------------------------------------------------------------
     def run(self) -> int:
         """The exit code; raises StartupError, after recording it for `rmbgd status`."""
         try:
-            return self._run()
+            return super().run()
         except StartupError as exc:
             self._service.failed(str(exc))
             raise
 
-    def _run(self) -> int:
+    # -- start-up ---------------------------------------------------------------------------
+    def _starting(self) -> None:
         cfg = self.cfg
-        self.log.info(
-            "starting",
-            version=__version__,
-            pid=os.getpid(),
-            config=str(cfg.source) if cfg.source else None,
-            inbox=str(cfg.paths.inbox),
-            outbox=str(cfg.paths.outbox),
-        )
+        self._log_starting(inbox=str(cfg.paths.inbox), outbox=str(cfg.paths.outbox))
         try:
             prepare_folders(cfg)
             self._service.starting(cfg)
         except (ConfigError, MetricsUnavailable) as exc:
             raise StartupError(str(exc)) from None
-        with self._service.loading_model(cfg.model.name):
-            segmenter = self._load_model()
-        if self.stop_requested:
-            return self._stop_during_startup()
 
+    def _load_model(self) -> Any:
+        with self._service.loading_model(self.cfg.model.name):
+            return self._watched(lambda: load_model(self.cfg, self.log))
+
+    def _stop_during_startup(self) -> int:
+        self.log.info("stopping", reason=self._stop_reason(), during="startup")
+        self._service.stopping()
+        self.log.info("stopped", **self._counters.snapshot())
+        self._service.stopped(self._counters.snapshot())
+        return self._stop_code()
+
+    def _open(self, segmenter: Any) -> None:
+        cfg = self.cfg
         self._open_work_area()
         # Before recovery and the pipeline: when the kernel refuses the watches, nothing has
         # been taken on yet that would have to be drained.
-        self._watcher = Watcher(cfg.paths.inbox, self._on_watch_event, polling=cfg.watch.polling)
+        self._watcher = Watcher(cfg.paths.inbox, self._feed.on_watch_event, polling=cfg.watch.polling)
         try:
             self._watcher.start()
         except WatchUnavailable as exc:
@@ -226,30 +162,9 @@ class Daemon:
             stages=image_stages(),
         )
         self._pipeline.start()
-        self._recover()
-        self._scan(cfg.paths.inbox)
-        self.log.info(
-            "ready",
-            model=cfg.model.name,
-            device=segmenter.device,
-            dtype=segmenter.dtype,
-            precision=getattr(segmenter, "precision", None),
-            loader=getattr(segmenter, "loader", None),
-            batch_size=cfg.batch.size,
-            max_wait_ms=cfg.batch.max_wait_ms,
-            workers=effective_workers(cfg),
-            instance=self._work.instance,
-            waiting=len(self._readiness),
-        )
-        self._service.ready(model=cfg.model.name, device=segmenter.device, batch_size=cfg.batch.size)
-        try:
-            code = self._main_loop()
-        except BaseException:
-            # Still drain in order (the CLI logs the crash itself), so an unexpected error in
-            # the loop does not also abandon the batch in flight.
-            self._shutdown(EXIT_FAILURE)
-            raise
-        return self._shutdown(code)
+        self._recovery = Recovery(cfg.paths, self._work, self._publisher, self.log, self._start_job)
+        self._recovery.at_start()
+        self._feed.scan(cfg.paths.inbox)
 
     def _open_work_area(self) -> None:
         try:
@@ -267,96 +182,27 @@ class Daemon:
                 f"paths.inbox: cannot create the work area {self._work.dir}: {exc.strerror or exc}"
             ) from None
 
-    def _recover(self) -> None:
-        """Before `ready`: finish what a crashed predecessor (or dead peer) left half done."""
-        started = time.monotonic()
-        try:
-            claims = self._work.recover(on_error=self._adopt_failed)
-        except OSError as exc:
-            # The work area's filesystem failed mid-way: start anyway; what is left in a dead
-            # instance's folder is adopted at the next rescan.
-            self.log.error("recover_failed", error=describe(exc))
-            claims = []
-        finished = self._take_over(claims)
-        removed = 0
-        for root in (self.cfg.paths.outbox, self.cfg.paths.errors, self.cfg.paths.done):
-            if root is not None:
-                removed += remove_orphan_temps(root, self._work.is_dead)
-        if claims or removed:
-            self.log.info(
-                "recovered",
-                files=len(claims),
-                finished=finished,
-                requeued=len(claims) - finished,
-                temp_files_removed=removed,
-                ms=round((time.monotonic() - started) * 1000.0, 1),
-            )
+    def _ready_fields(self, segmenter: Any) -> dict:
+        return {**super()._ready_fields(segmenter), "instance": self._work.instance,
+                "waiting": len(self._feed.readiness)}
 
-    def _take_over(self, claims: List[Claim]) -> int:
-        """Complete interrupted deliveries, queue the rest; returns how many were completed."""
-        finished = 0
-        for claim in claims:
-            if special_file_reason(claim.path) is not None:
-                # No delivery of ours ever started from a link or a FIFO: its intent, if
-                # any, was not written by us; the entry goes to errors/ as it is.
-                self._start_job(claim)
-                continue
-            try:
-                delivery = self._publisher.resume(claim)
-            except OSError as exc:
-                # Folders unusable right now: process it normally; the pipeline retries.
-                self.log.warning("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), error=str(exc))
-                delivery = None
-            except Exception:  # per-file boundary: one odd leftover must not stop the start
-                self.log.error("resume_failed", input=str(self.cfg.paths.inbox / claim.rel), exc_info=True)
-                delivery = None
-            if delivery is None:
-                self._start_job(claim)
-                continue
-            finished += 1
-            self._work.release_dirs(claim)
-            self.log.info(
-                "file_done",
-                input=str(self.cfg.paths.inbox / claim.rel),
-                output=str(delivery.output),
-                original=str(delivery.original) if delivery.original is not None else "deleted",
-                **({"also": [str(path) for path in delivery.extra]} if delivery.extra else {}),
-                recovered=True,
-            )
-        return finished
+    def _on_ready(self, segmenter: Any) -> None:
+        self._service.ready(model=self.cfg.model.name, device=segmenter.device, batch_size=self.cfg.batch.size)
 
-    def _load_model(self) -> Any:
-        return load_model_watching(self.cfg, self.log, self._while_loading)
-
-    def _while_loading(self) -> None:
-        # Nothing is claimed or written before the model is ready, so a stop during the load
-        # (a download can take minutes) loses nothing by not waiting for it. os._exit, as for
-        # a forced stop: the load thread may be deep inside torch, which a normal interpreter
-        # shutdown around it could crash.
-        self._check_forced()
-        if self.stop_requested:
-            os._exit(self._stop_during_startup())
-
-    def _stop_during_startup(self) -> int:
-        self.log.info("stopping", reason=self._stop_reason(), during="startup")
-        self._service.stopping()
-        self.log.info("stopped", **self._counters.snapshot())
-        self._service.stopped(self._counters.snapshot())
-        return self._stop_code()
-
+    # -- running ----------------------------------------------------------------------------
     def _main_loop(self) -> int:
         next_rescan = self._clock() + self.cfg.watch.rescan_seconds
         while not self.stop_requested:
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload()
-            self._take_events(TICK_SECONDS)
+            self._feed.take_events(TICK_SECONDS)
             now = self._clock()
-            self._queue_ready(self._readiness.poll(now, self._signature))
-            self._claim_backlog()
+            self._feed.poll(now)
+            self._feed.claim_backlog()
             if now >= next_rescan:
-                self._scan(self.cfg.paths.inbox)
-                self._adopt_dead_peers()
+                self._feed.scan(self.cfg.paths.inbox)
+                self._recovery.adopt_dead_peers()
                 next_rescan = now + self.cfg.watch.rescan_seconds
             if not self._watcher.is_alive():
                 self.log.error("watcher_died", reason="the inotify observer thread stopped")
@@ -368,7 +214,7 @@ class Daemon:
             self._service.tick(
                 processed=counts["processed"],
                 failed=counts["failed"],
-                queued=len(self._backlog),
+                queued=self._feed.queued,
                 in_flight=counts["in_flight"],
                 healthy=self._healthy(),
             )
@@ -419,122 +265,31 @@ class Daemon:
             return
         logs.reopen()
         logs.set_level(applied.logging.level)
-        self._readiness.reconfigure(applied.watch.settle_seconds, applied.watch.writer_timeout_seconds)
+        self._feed.readiness.reconfigure(applied.watch.settle_seconds, applied.watch.writer_timeout_seconds)
         self._pipeline.apply(applied)
-        self._max_in_flight = max(effective_max_in_flight(applied), applied.batch.size)
+        self._max_in_flight = in_flight_limit(applied)
         self.cfg = applied
         changed = sorted(k for k in ("watch", "batch", "input", "output", "profiles", "logging") if getattr(new, k) != getattr(old, k))
         self.log.info("reloaded", changed=changed, needs_restart=needs_restart,
                       **({"note": "restart rmbgd to apply " + ", ".join(needs_restart)} if needs_restart else {}))
         self._service.reloaded(applied.logging.progress_seconds)
 
+    # -- stopping ---------------------------------------------------------------------------
     def _shutdown(self, code: int) -> int:
         self.log.info("stopping", reason=self._stop_reason() or "failure", **self._counters.snapshot())
         self._service.stopping()
         self._watcher.stop()
-        self._pipeline.stop_intake()
-        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
-        while not self._pipeline.wait(TICK_SECONDS):
-            self._check_forced()
-            if time.monotonic() > deadline:
-                self.log.error("drain_timeout", seconds=DRAIN_TIMEOUT_SECONDS, **self._counters.snapshot())
-                self._service.stopped(self._counters.snapshot())
-                return EXIT_FAILURE
+        if not self._drain(self._pipeline, DRAIN_TIMEOUT_SECONDS):
+            self.log.error("drain_timeout", seconds=DRAIN_TIMEOUT_SECONDS, **self._counters.snapshot())
+            self._service.stopped(self._counters.snapshot())
+            return EXIT_FAILURE
         self._work.close()
         # in_flight now counts the files left claimed for the next start.
         self.log.info("stopped", **self._counters.snapshot())
         self._service.stopped(self._counters.snapshot())
         return code
 
-    # -- watching and claiming --------------------------------------------------------------
-    def _on_watch_event(self, kind: object, path: Path) -> None:
-        self._events.put((kind, path))
-
-    def _take_events(self, timeout: float) -> None:
-        try:
-            item = self._events.get(timeout=timeout)
-        except queue.Empty:
-            return
-        while True:
-            kind, path = item
-            if kind == RESCAN:
-                self.log.warning("events_lost", reason="inotify queue overflow; rescanning the inbox")
-                self._scan(self.cfg.paths.inbox)
-            elif kind == SCAN_DIR:
-                self._scan(path)
-            elif kind != WAKE and path not in self._backlog_set:
-                self._readiness.observe(path, kind, self._clock())
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                return
-
-    def _scan(self, top: Path) -> None:
-        now = self._clock()
-        for path, st in scan(top, self.cfg.paths.inbox):
-            if path in self._backlog_set:
-                continue
-            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                self._readiness.observe(path, Seen.SCANNED, now, (st.st_size, st.st_mtime_ns))
-            else:
-                self._ignore_special(path)
-
-    def _signature(self, path: Path):
-        signature = signature_of(path)
-        if signature is None and os.path.lexists(path):
-            self._ignore_special(path)
-        return signature
-
-    def _ignore_special(self, path: Path) -> None:
-        # FIFOs, sockets and device nodes are never opened: reading one could block forever.
-        if path not in self._ignored_logged:
-            self._ignored_logged.add(path)
-            self.log.warning("file_ignored", input=str(path), reason="not a regular file")
-
-    def _queue_ready(self, paths: list) -> None:
-        for path in paths:
-            if path not in self._backlog_set:
-                self._backlog.append(path)
-                self._backlog_set.add(path)
-
-    def _claim_backlog(self) -> None:
-        # Files parked for a retry do not count: they must not stall the rest (see pipeline.py).
-        while self._backlog and self._counters.busy < self._max_in_flight:
-            path = self._backlog.popleft()
-            self._backlog_set.discard(path)
-            try:
-                st = os.lstat(path)
-                if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                    continue
-                claim = self._work.claim(path)
-            except FileNotFoundError:
-                continue  # gone, or its folder is now a link leading out of the inbox
-            except OSError as exc:
-                self.log.error("claim_failed", input=str(path), error=describe(exc))
-                continue
-            if claim is None:
-                # An earlier file of the same name is still in progress; look again later.
-                self._readiness.observe(path, Seen.SCANNED, self._clock(), signature_of(path))
-                continue
-            self._start_job(claim)
-
-    def _adopt_dead_peers(self) -> None:
-        # A peer sharing this inbox died (its lock is free): take over its claimed files now
-        # rather than waiting for some instance to restart.
-        try:
-            adopted = self._work.adopt_dead_peers(on_error=self._adopt_failed)
-        except OSError as exc:
-            # The work area itself is unreadable right now; the next rescan tries again.
-            self._adopt_failed(self._work.root, exc)
-            return
-        if adopted:
-            finished = self._take_over(adopted)
-            self.log.info("adopted", files=len(adopted), finished=finished)
-
-    def _adopt_failed(self, path: Path, exc: OSError) -> None:
-        self.log.warning("adopt_failed", path=str(path), error=describe(exc),
-                         note="left where it is; tried again at the next rescan")
-
+    # -- jobs -------------------------------------------------------------------------------
     def _start_job(self, claim: Claim) -> Job:
         job = Job(claim=claim, input=self.cfg.paths.inbox / claim.rel, ready_at=time.monotonic())
         self._counters.started()
@@ -550,8 +305,7 @@ class Daemon:
 
     def _job_finished(self, job: Job) -> None:
         self._work.release_dirs(job.claim)
-        # A slot is free: wake the main loop to claim the next file now, not at the next tick.
-        self._events.put((WAKE, None))
+        self._feed.wake()
         if job.error is None:
             self._service.file_done()
         else:
