@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rmbgd.config.settings import parse_config
+    from rmbgd.config import parse_config
     from rmbgd.model import backends
     from rmbgd.model.segmenter import _cpu_has_bfloat16, load_segmenter
 

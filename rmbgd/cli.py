@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _check(path: str) -> int:
     from pathlib import Path
 
-    from rmbgd.config.settings import ConfigError, check_folders, load_config
+    from rmbgd.config import ConfigError, check_folders, load_config
 
     try:
         cfg = load_config(path)
@@ -151,7 +151,7 @@ def _check(path: str) -> int:
         sys.stderr.write(f"{problem}\n")
     if problems:
         return EXIT_USAGE
-    from rmbgd.config.settings import commented_out_colours
+    from rmbgd.config import commented_out_colours
 
     # Read again: load_config already read it, so it is UTF-8 text of a sane size.
     try:
@@ -167,7 +167,7 @@ def _check(path: str) -> int:
 def _fetch_model(path: str, to: Optional[str]) -> int:
     from pathlib import Path
 
-    from rmbgd.config.settings import ConfigError, load_config
+    from rmbgd.config import ConfigError, load_config
     from rmbgd.model.hub import ModelLoadError, fetch_model
 
     try:
@@ -188,7 +188,7 @@ def _fetch_model(path: str, to: Optional[str]) -> int:
 def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int:
     from pathlib import Path
 
-    from rmbgd.config.settings import ConfigError, load_config
+    from rmbgd.config import ConfigError, load_config
     from rmbgd.ops.statusfile import default_state_dir, report
 
     if state_dir:
@@ -210,7 +210,7 @@ def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int
 
 def _run(path: str) -> int:
     from rmbgd.ops import logs
-    from rmbgd.config.settings import ConfigError, check_folders, load_config
+    from rmbgd.config import ConfigError, check_folders, load_config
 
     logs.configure("info")
     log = logs.get_logger()
@@ -251,7 +251,7 @@ def _run(path: str) -> int:
 def _process(args: argparse.Namespace) -> int:
     from rmbgd.ops import logs
     from rmbgd.runtime import oneshot
-    from rmbgd.config.settings import ConfigError
+    from rmbgd.config import ConfigError
     from rmbgd.runtime.daemon import StartupError, stderr_is_terminal
 
     report = oneshot.TerminalReport(sys.stderr) if stderr_is_terminal() and not args.json else oneshot.Report()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from rmbgd.ops import statusfile
-from rmbgd.config.settings import parse_config
+from rmbgd.config import parse_config
 from rmbgd.ops.statusfile import (
     EXIT_NOT_RUNNING,
     EXIT_RUNNING,

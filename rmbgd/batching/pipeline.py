@@ -40,7 +40,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 from rmbgd.output import backoff
 from rmbgd.output.backoff import Scheduler, Verdict, write_error_verdict
 from rmbgd.batching.collector import BatchQueue
-from rmbgd.config.settings import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
+from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.batching.job import Counters, Job, ms_since
 from rmbgd.batching.stages import Stages
 from rmbgd.output.publisher import FinishingFailed, Publisher

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
 from rmbgd.model.hub import ModelLoadError, first_line, log_info, locate_model, missing_packages_hint
 from rmbgd.imaging.sizing import dynamic_input_size
 

@@ -27,7 +27,7 @@ from rmbgd import __version__
 from rmbgd.output import backoff
 from rmbgd.ops import logs
 from rmbgd.batching.collector import CallCost
-from rmbgd.config.settings import (
+from rmbgd.config import (
     Config,
     ConfigError,
     check_folders,

@@ -23,7 +23,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 from rmbgd import __version__
 from rmbgd.ops import logs
-from rmbgd.config.settings import (
+from rmbgd.config import (
     Config,
     ConfigError,
     effective_max_in_flight,
