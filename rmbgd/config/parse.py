@@ -1,258 +1,123 @@
-"""Validation of an already-loaded YAML object into a Config, every problem collected at once."""
+"""A loaded YAML document into a Config: pydantic validates, and each of its errors becomes one
+`dotted.key: problem` line, all of them at once, in the order the keys are documented."""
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import os
-import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping, Sequence
 
-from rmbgd.config.parse_output import parse_output, parse_profiles
-from rmbgd.config.problems import Problems, check_unknown, describe, text_problem
-from rmbgd.config.schema import (
-    DYNAMIC_INPUT_SIZE,
-    BatchConfig,
-    Config,
-    ConfigError,
-    InputConfig,
-    LoggingConfig,
-    MetricsConfig,
-    ModelConfig,
-    OutputConfig,
-    PathsConfig,
-    PipelineConfig,
-    StateConfig,
-    WatchConfig,
-)
-from rmbgd.config.section import BAD, Section
+from pydantic import TypeAdapter, ValidationError
+
+from rmbgd.config.kinds import problem, yaml_rule
+from rmbgd.config.problems import describe, one_line, unknown_key
+from rmbgd.config.kinds import DONE_HINT
+from rmbgd.config.schema import Config, ConfigError, ConfigFile, OutputConfig, PathsConfig, Profile
 
 __all__ = ["parse", "parse_config"]
 
-
-_SECTIONS: dict[str, type] = {
-    "paths": PathsConfig,
-    "watch": WatchConfig,
-    "batch": BatchConfig,
-    "model": ModelConfig,
-    "input": InputConfig,
-    "output": OutputConfig,
-    "pipeline": PipelineConfig,
-    "logging": LoggingConfig,
-    "state": StateConfig,
-    "metrics": MetricsConfig,
+# Sections in the order their problems are listed; unknown top-level keys come first.
+_ORDER = ["paths", "watch", "batch", "model", "input", "output", "profiles", "pipeline", "logging", "state", "metrics"]
+_KEYS = {
+    "": list(ConfigFile.__dataclass_fields__),
+    "profile": list(Profile.__dataclass_fields__),
+    **{name: list(f.annotation.__dataclass_fields__) for name, f in ConfigFile.__pydantic_fields__.items()
+       if hasattr(f.annotation, "__dataclass_fields__")},
 }
-_FOLDER_KEYS = ("inbox", "outbox", "errors", "done")
-_DONE_HINT = "set a folder, or null to delete originals after success"
-_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
-_DTYPE_RE = re.compile(r"auto|float16|bfloat16|float32")
-_BACKEND_RE = re.compile(r"auto|torch|onnxruntime|openvino")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-# Upper bounds far above any real use: a typo with extra digits must not become a million
-# threads, claims or a pixel budget no image reaches.
-_MAX_WORKERS = 1024
-_MAX_IN_FLIGHT = 100_000
-_MAX_PIXELS_LIMIT = 10**12
+# Within a section, the order in which a problem's keys are listed where it differs from the
+# fields' (which the "expected one of" lists follow).
+_READ_FIRST = {
+    "model": ["name", "input_size", "max_input_size"],
+    "output": ["format", "background", "mask", "max_size"],
+    "logging": ["level", "progress_seconds"],
+}
+Loc = tuple[Any, ...]
 
 
-def _default(cls: type, name: str) -> Any:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.default
-    raise KeyError(name)
-
-
-
-def _absolute(raw: str, base_dir: Path) -> Path:
-    # abspath, not resolve: the folders the user named are kept, symlinks and all.
-    return Path(os.path.abspath(os.path.join(base_dir, os.path.expanduser(raw))))
-
-
-def _model_name(raw: str, base_dir: Path) -> str:
-    expanded = os.path.expanduser(raw)
-    looks_like_path = raw.startswith(("/", ".", "~")) or (
-        os.sep in raw and os.path.exists(os.path.join(base_dir, expanded))
-    )
-    if not looks_like_path:
-        return raw
-    return os.path.abspath(os.path.join(base_dir, expanded))
-
-
-
-def _read_section(
-    top: Mapping[Any, Any], name: str, problems: Problems
-) -> Mapping[Any, Any] | None:
-    """The section's mapping, or None when it is not a mapping (already reported)."""
-    raw = top.get(name)
-    # `watch:` with every line below commented out is an empty section, not an error.
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        problems.add(name, f"expected a mapping, got {describe(raw)}")
-        return None
-    allowed = [f.name for f in dataclasses.fields(_SECTIONS[name])]
-    check_unknown(raw, allowed, name, problems)
-    return raw
-
-
-def _parse_paths(top: Mapping[Any, Any], base_dir: Path, problems: Problems) -> PathsConfig:
-    if "paths" not in top:
-        # One line says it all; listing each of its four keys as required would be noise.
-        problems.add("paths", "required")
-        data: Mapping[Any, Any] | None = None
-    else:
-        data = _read_section(top, "paths", problems)
-    values: dict[str, Path | None] = {}
-    for key in _FOLDER_KEYS:
-        values[key] = BAD
-        if data is None:
-            continue
-        dotted = f"paths.{key}"
-        if key not in data:
-            hint = f" ({_DONE_HINT})" if key == "done" else ""
-            problems.add(dotted, "required" + hint)
-            continue
-        raw = data[key]
-        if raw is None and key == "done":
-            values[key] = None
-            continue
-        if not isinstance(raw, str):
-            what = f"a folder path or null ({_DONE_HINT})" if key == "done" else "a folder path"
-            problems.add(dotted, f"expected {what}, got {describe(raw)}")
-            continue
-        if not raw.strip():
-            problems.add(dotted, "must not be empty")
-            continue
-        reason = text_problem(raw)
-        if reason:
-            problems.add(dotted, reason)
-            continue
-        values[key] = _absolute(raw, base_dir)
-    return PathsConfig(**values)
-
-
-def _parse_watch(s: Section) -> WatchConfig:
-    settle = s.number("settle_seconds", _default(WatchConfig, "settle_seconds"), above=0)
-    rescan = s.number("rescan_seconds", _default(WatchConfig, "rescan_seconds"), above=0)
-    writer = s.number(
-        "writer_timeout_seconds", _default(WatchConfig, "writer_timeout_seconds"), above=0
-    )
-    if settle is not BAD and writer is not BAD and writer < settle:
-        s.problems.add(
-            "watch.writer_timeout_seconds",
-            f"must be at least watch.settle_seconds ({settle:g}), got {writer:g}",
-        )
-        writer = BAD
-    polling = s.boolean("polling", _default(WatchConfig, "polling"))
-    return WatchConfig(
-        settle_seconds=settle, rescan_seconds=rescan, writer_timeout_seconds=writer, polling=polling
-    )
-
-
-def _parse_batch(s: Section) -> BatchConfig:
-    return BatchConfig(
-        size=s.integer("size", _default(BatchConfig, "size"), 1, 1024),
-        max_wait_ms=s.integer("max_wait_ms", _default(BatchConfig, "max_wait_ms"), 0, 60_000),
-    )
-
-
-def _parse_model(s: Section, base_dir: Path) -> ModelConfig:
-    name = s.string("name", _default(ModelConfig, "name"))
-    if name is not BAD and "name" in s.data:
-        name = _model_name(name, base_dir)
-    raw_size = s.data.get("input_size")
-    if isinstance(raw_size, str) and raw_size.strip().lower() == DYNAMIC_INPUT_SIZE:
-        input_size: int | str = DYNAMIC_INPUT_SIZE
-    elif isinstance(raw_size, str):
-        s.problems.add(
-            "model.input_size", f"expected an integer or {DYNAMIC_INPUT_SIZE}, got {describe(raw_size)}"
-        )
-        input_size = BAD
-    else:
-        input_size = _multiple_of_32(s, "input_size")
-    max_input_size = _multiple_of_32(s, "max_input_size")
-    return ModelConfig(
-        name=name,
-        device=s.choice(
-            "device", _default(ModelConfig, "device"), _DEVICE_RE, "auto, cpu, cuda or cuda:N"
-        ),
-        trust_remote_code=s.boolean(
-            "trust_remote_code", _default(ModelConfig, "trust_remote_code")
-        ),
-        input_size=input_size,
-        revision=s.string("revision", _default(ModelConfig, "revision"), nullable=True),
-        dtype=s.choice(
-            "dtype",
-            _default(ModelConfig, "dtype"),
-            _DTYPE_RE,
-            "auto, float16, bfloat16 or float32",
-        ),
-        max_input_size=max_input_size,
-        compile=s.boolean("compile", _default(ModelConfig, "compile")),
-        backend=s.choice(
-            "backend",
-            _default(ModelConfig, "backend"),
-            _BACKEND_RE,
-            "auto, torch, onnxruntime or openvino",
-        ),
-    )
-
-
-def _multiple_of_32(s: Section, name: str) -> int:
-    # BiRefNet downsamples by 32: other sides would be padded or cropped inside the model.
-    value = s.integer(name, _default(ModelConfig, name), 64, 4096)
-    if value is not BAD and value % 32:
-        s.problems.add(f"model.{name}", f"must be a multiple of 32, got {value}")
-        return BAD
+def _profile_list(value: Any, context: dict[str, Any]) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise problem(f"expected a list of {{match, output}} mappings, got {describe(value)}")
     return value
 
 
-def _optional_path(s: Section, name: str, base_dir: Path) -> Path | None:
-    raw = s.string(name, None, nullable=True)
-    if raw is None or raw is BAD:
-        return raw
-    return _absolute(raw, base_dir)
+_FILE = TypeAdapter(ConfigFile)
+_OUTPUT = TypeAdapter(OutputConfig)
+_PROFILES = TypeAdapter(Annotated[tuple[Profile, ...], yaml_rule(_profile_list)])
 
 
-
-def _parse_metrics(s: Section) -> MetricsConfig:
-    port = None
-    if s.data.get("port") is not None:
-        # 0 lets the kernel pick a free port (the daemon logs which); useful in tests.
-        port = s.integer("port", 0, 0, 65535)
-    address = s.string("address", _default(MetricsConfig, "address"))
-    if address is not BAD:
-        address = address.strip()
-        # The socket layer raises a UnicodeError, not an OSError, for a label over 63 characters.
-        if not _is_host(address):
-            s.problems.add("metrics.address", f"expected an IP address or a host name, got {describe(address)}")
-            address = BAD
-    return MetricsConfig(port=port, address=address)
+def _dotted(loc: Loc) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 
 
-_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+def _allowed(parent: Loc) -> Sequence[str]:
+    if not parent:
+        return _KEYS[""]
+    if parent[0] == "profiles":
+        return _KEYS["profile"] if len(parent) == 2 else _KEYS["output"]
+    return _KEYS[parent[0]]
 
 
-def _is_host(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        pass
-    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
-    return len(text) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+UNKNOWN, FIELD, WHOLE = 0, 1, 2
 
 
-def _parse_logging(s: Section, base_dir: Path) -> LoggingConfig:
-    level = s.choice(
-        "level",
-        _default(LoggingConfig, "level"),
-        re.compile("|".join(_LOG_LEVELS)),
-        "debug, info, warning or error",
-    )
-    progress = s.number("progress_seconds", _default(LoggingConfig, "progress_seconds"), at_least=0)
-    return LoggingConfig(level=level, file=_optional_path(s, "file", base_dir), progress_seconds=progress)
+def _line(error: Any, prefix: Loc, label: str) -> tuple[Loc, int, str]:
+    """(where, which kind of problem, the problem line) for one pydantic error.
+
+    A check on a whole section (WHOLE) names its key with `at`; it is listed after the rest."""
+    loc: Loc = prefix + tuple(error["loc"])
+    kind, value = error["type"], error.get("input")
+    if kind in ("unexpected_keyword_argument", "invalid_key", "extra_forbidden"):
+        # An invalid (not a string) key's location is a string made of it; the input is the key.
+        key = value if kind == "invalid_key" else loc[-1]
+        return loc, UNKNOWN, unknown_key(key, _allowed(loc[:-1]), _dotted(loc[:-1]), label)
+    in_profile = loc[:1] == ("profiles",) and len(loc) > 1
+    found = FIELD
+    if kind == "rmbgd":
+        context = error["ctx"]
+        message = context["problem"]
+        if context.get("at"):
+            loc, found = loc + (context["at"],), WHOLE
+    elif in_profile and loc[-1] == "output" and kind in ("missing", "dataclass_type"):
+        message = f"expected a mapping of output settings, got {describe(None if kind == 'missing' else value)}"
+    elif kind == "missing":
+        # One line says a section is missing; its keys are then not listed one by one.
+        message = "required" + (f" ({DONE_HINT})" if loc == ("paths", "done") else "")
+    elif kind in ("dataclass_type", "dataclass_args_type"):
+        what = "a mapping with match and output" if in_profile and len(loc) == 2 else "a mapping"
+        message = f"expected {what}, got {describe(value)}"
+    else:  # nothing of ours words it: pydantic's own message, on one line
+        message = one_line(error["msg"])
+    return loc, found, f"{_dotted(loc)}: {message}"
+
+
+def _position(section: str, rest: Loc, found: int) -> int:
+    """Where a problem in one mapping goes: unknown keys first, then by key, whole-section checks last."""
+    if found == UNKNOWN and len(rest) == 1 or not rest:
+        return 0
+    if found == WHOLE and len(rest) == 1:
+        return 10**6
+    order = _READ_FIRST.get(section, [])
+    fields = order + [key for key in _KEYS.get(section, []) if key not in order]
+    return 1 + fields.index(rest[0]) if rest[0] in fields else 10**5
+
+
+def _rank(loc: Loc, found: int) -> tuple[int, ...]:
+    """Where a problem is listed: by section, then as _position says within each mapping."""
+    if not loc or (found == UNKNOWN and len(loc) == 1):
+        return (0,)
+    section = _ORDER.index(loc[0]) + 1 if loc[0] in _ORDER else len(_ORDER) + 1
+    if loc[0] != "profiles" or len(loc) == 1:
+        return (section, -1, _position(loc[0], loc[1:], found), 0)
+    rest = loc[2:]
+    inner = _position("output", rest[1:], found) if rest[:1] == ("output",) and len(rest) > 1 else 0
+    return (section, loc[1], _position("profile", rest, found), inner)
+
+
+def _problems(err: ValidationError, prefix: Loc, label: str) -> list[tuple[tuple[int, ...], str]]:
+    found = [_line(error, prefix, label) for error in err.errors(include_url=False)]
+    return [(_rank(loc, kind), line) for loc, kind, line in found]
 
 
 def parse(data: object, base_dir: Path, source: Path | None, label: str, with_paths: bool = True) -> Config:
@@ -262,53 +127,37 @@ def parse(data: object, base_dir: Path, source: Path | None, label: str, with_pa
     if not isinstance(data, Mapping):
         raise ConfigError(f"{label}: expected a mapping at the top level, got {describe(data)}")
 
-    problems = Problems()
-    check_unknown(data, [*_SECTIONS, "profiles"], "", problems, label)
-    if with_paths:
-        paths = _parse_paths(data, base_dir, problems)
-    else:
+    sections = {key: value for key, value in data.items() if key != "profiles"}
+    if not with_paths:
         # For uses that never touch the daemon's folders (`rmbgd process`): any `paths`
         # section is ignored, unchecked, and the config's own folder stands in.
-        paths = PathsConfig(inbox=base_dir, outbox=base_dir, errors=base_dir, done=None)
+        sections["paths"] = PathsConfig(inbox=base_dir, outbox=base_dir, errors=base_dir, done=None)
+    context = {"base_dir": base_dir}
+    found: list[tuple[tuple[int, ...], str]] = []
+    parsed = None
+    try:
+        parsed = _FILE.validate_python(sections, context=context)
+        base = parsed.output
+    except ValidationError as err:
+        found += _problems(err, (), label)
+        base = _base_output(data.get("output"), context)
+    # Profiles are read on top of the output section they override.
+    try:
+        profiles = _PROFILES.validate_python(data.get("profiles"), context={**context, "base": base})
+    except ValidationError as err:
+        found += _problems(err, ("profiles",), label)
+    if found or parsed is None:
+        raise ConfigError([line for _, line in sorted(found, key=lambda item: item[0])])
+    fields = {name: getattr(parsed, name) for name in ConfigFile.__dataclass_fields__}
+    return Config(**{**fields, "profiles": profiles, "source": source})
 
-    def section(name: str) -> Section:
-        # A section that is not a mapping is reported once; its keys then read as defaults.
-        return Section(name, _read_section(data, name, problems) or {}, problems)
 
-    watch = _parse_watch(section("watch"))
-    batch = _parse_batch(section("batch"))
-    model = _parse_model(section("model"), base_dir)
-    s = section("input")
-    input_cfg = InputConfig(
-        max_pixels=s.integer("max_pixels", _default(InputConfig, "max_pixels"), 1, _MAX_PIXELS_LIMIT)
-    )
-    output = parse_output(section("output"), OutputConfig())
-    profiles = parse_profiles(data.get("profiles"), output, problems)
-    s = section("pipeline")
-    pipeline = PipelineConfig(
-        workers=s.integer("workers", _default(PipelineConfig, "workers"), 0, _MAX_WORKERS),
-        max_in_flight=s.integer("max_in_flight", _default(PipelineConfig, "max_in_flight"), 0, _MAX_IN_FLIGHT),
-    )
-    logging_cfg = _parse_logging(section("logging"), base_dir)
-    state = StateConfig(dir=_optional_path(section("state"), "dir", base_dir))
-    metrics = _parse_metrics(section("metrics"))
-
-    if problems.items:
-        raise ConfigError(problems.items)
-    return Config(
-        paths=paths,
-        watch=watch,
-        batch=batch,
-        model=model,
-        input=input_cfg,
-        output=output,
-        pipeline=pipeline,
-        logging=logging_cfg,
-        state=state,
-        metrics=metrics,
-        profiles=profiles,
-        source=source,
-    )
+def _base_output(raw: Any, context: dict[str, Any]) -> OutputConfig:
+    """The output section that profiles inherit from when the document has problems elsewhere."""
+    try:
+        return _OUTPUT.validate_python({} if raw is None else raw, context=context)
+    except ValidationError:
+        return OutputConfig()
 
 
 def parse_config(
@@ -316,6 +165,6 @@ def parse_config(
 ) -> Config:
     """Validate an already-loaded YAML object; relative paths are taken from `base_dir`.
 
-    `with_paths=False` ignores the `paths` section (see _parse)."""
+    `with_paths=False` ignores the `paths` section (see parse)."""
     label = str(source) if source is not None else "config"
     return parse(data, Path(base_dir), source, label, with_paths)

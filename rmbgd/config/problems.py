@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Mapping, Sequence
 
-__all__ = ["Problems", "check_unknown", "describe", "finite", "is_int", "is_number", "one_line", "text_problem"]
+__all__ = ["Problems", "describe", "finite", "is_int", "is_number", "one_line", "text_problem", "unknown_key"]
 
 
 def one_line(text: str) -> str:
@@ -67,28 +67,23 @@ class Problems:
 _PLAIN_KEY_RE = re.compile(r"[\w-]{1,60}")
 
 
-def check_unknown(
-    data: Mapping[Any, Any], allowed: Iterable[str], prefix: str, problems: Problems, label: str = "config"
-) -> None:
-    allowed = list(allowed)
-    for key in data:
-        if isinstance(key, str) and key in allowed:
-            continue
-        close = difflib.get_close_matches(key, allowed, n=1) if isinstance(key, str) else []
-        name = key if isinstance(key, str) else describe(key) if is_int(key) else ""
-        if _PLAIN_KEY_RE.fullmatch(name):
-            dotted = f"{prefix}.{name}" if prefix else name
-            message = "unknown key"
-        else:
-            # Spaces, colons, newlines or a float, null or bool key would garble the key part.
-            dotted = prefix or label
-            message = f"unknown key {describe(key)}" + ("" if prefix else " at the top level")
-        # Only ten sections exist, so the full list is always worth showing at the top.
-        if not prefix or not close:
-            message += f" (expected one of: {', '.join(allowed)})"
-        if close:
-            message += f"; did you mean '{close[0]}'?"
-        problems.add(dotted, message)
+def unknown_key(key: object, allowed: Sequence[str], prefix: str, label: str = "config") -> str:
+    """The problem line for `key`, which is not one of `allowed` in the mapping at `prefix`."""
+    close = difflib.get_close_matches(key, allowed, n=1) if isinstance(key, str) else []
+    name = key if isinstance(key, str) else describe(key) if is_int(key) else ""
+    if _PLAIN_KEY_RE.fullmatch(name):
+        dotted = f"{prefix}.{name}" if prefix else name
+        message = "unknown key"
+    else:
+        # Spaces, colons, newlines or a float, null or bool key would garble the key part.
+        dotted = prefix or label
+        message = f"unknown key {describe(key)}" + ("" if prefix else " at the top level")
+    # Only ten sections exist, so the full list is always worth showing at the top.
+    if not prefix or not close:
+        message += f" (expected one of: {', '.join(allowed)})"
+    if close:
+        message += f"; did you mean '{close[0]}'?"
+    return f"{dotted}: {message}"
 
 
 def text_problem(value: str) -> str | None:

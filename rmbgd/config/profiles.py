@@ -13,23 +13,13 @@ Matching is case-sensitive, like the filesystem.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Iterable, Iterator, Optional
 
-__all__ = ["GlobError", "Profile", "compile_glob", "glob_problem", "output_for"]
-
-
-@dataclass(frozen=True)
-class Profile:
-    match: str
-    output: Any  # OutputConfig; typed loosely so config.py and this module do not import each other
-    pattern: re.Pattern[str]
-
-    def matches(self, rel: PurePath) -> bool:
-        return self.pattern.fullmatch(rel.as_posix()) is not None
+__all__ = ["GlobError", "compile_glob", "glob_problem", "matches", "output_for"]
 
 
 class GlobError(ValueError):
@@ -147,7 +137,17 @@ def _set_regex(body: str, shown: str) -> str:
     return f"[^/{''.join(out)}]" if negate else f"[{''.join(out)}]"
 
 
-def output_for(profiles: Iterable[Profile], default: Any, rel: PurePath) -> Any:
+@functools.lru_cache(maxsize=256)
+def _compiled(glob: str) -> re.Pattern[str]:
+    return compile_glob(glob)
+
+
+def matches(glob: str, rel: PurePath) -> bool:
+    """Whether the file at `rel` under the inbox matches the profile glob `glob` (a valid one)."""
+    return _compiled(glob).fullmatch(rel.as_posix()) is not None
+
+
+def output_for(profiles: Iterable[Any], default: Any, rel: PurePath) -> Any:
     """The output settings for the file at `rel` under the inbox: the first match wins."""
     for profile in profiles:
         if profile.matches(rel):
