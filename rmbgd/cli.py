@@ -1,4 +1,4 @@
-"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `rmbgd doctor`, `--version`.
+"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `rmbgd doctor`, `rmbgd config-schema`, `--version`.
 
 User errors (a bad config, a model that cannot be loaded) end in one readable line and a
 non-zero exit, never a traceback; only a bug in rmbgd itself shows one.
@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_option(fetch)
     fetch.add_argument("--to", metavar="DIR", help="download into this folder instead of the cache")
+
+    commands.add_parser(
+        "config-schema",
+        help="print the config file's JSON Schema",
+        description="Print the JSON Schema of the YAML config on stdout, for editors that validate and "
+        "complete YAML (config.schema.json in the repository is this output).",
+    )
 
     status = commands.add_parser(
         "status",
@@ -120,6 +127,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "config-schema":
+        from rmbgd.config.json_schema import config_schema_text
+
+        sys.stdout.write(config_schema_text())
+        return 0
     if args.command == "fetch-model":
         return _fetch_model(args.config, args.to)
     if args.command == "status":

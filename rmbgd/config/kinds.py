@@ -161,7 +161,9 @@ def choice(pattern: str, expected: str, examples: list[str]) -> Any:
             raise problem(f"expected {expected}, got {describe(value)}")
         return normalized
 
-    return Annotated[str, Field(pattern=f"^(?:{pattern})$", examples=examples), yaml_rule(rule)]
+    # Any case is accepted (and lowered), so the schema's pattern must accept it too.
+    either_case = re.sub(r"(?<!\\)[a-z]", lambda m: f"[{m[0]}{m[0].upper()}]", pattern)
+    return Annotated[str, Field(pattern=f"^(?:{either_case})$", examples=examples), yaml_rule(rule)]
 
 
 def absolute(raw: str, context: dict[str, Any]) -> Path:
