@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from rmbgd.config.problems import describe, finite, is_int, is_number, text_problem
 
 __all__ = [
+    "DONE_HINT",
     "DYNAMIC",
     "Kept",
     "boolean",

@@ -3,26 +3,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Sequence
 
 from pydantic import TypeAdapter, ValidationError
 
-from rmbgd.config.kinds import problem, yaml_rule
+from rmbgd.config.kinds import DONE_HINT, problem, yaml_rule
 from rmbgd.config.problems import describe, one_line, unknown_key
-from rmbgd.config.kinds import DONE_HINT
 from rmbgd.config.schema import Config, ConfigError, ConfigFile, OutputConfig, PathsConfig, Profile
 
 __all__ = ["parse", "parse_config"]
 
 # Sections in the order their problems are listed; unknown top-level keys come first.
 _ORDER = ["paths", "watch", "batch", "model", "input", "output", "profiles", "pipeline", "logging", "state", "metrics"]
+# The keys each mapping may have, for "unknown key" lines: a section's, a profile's.
 _KEYS = {
-    "": list(ConfigFile.__dataclass_fields__),
-    "profile": list(Profile.__dataclass_fields__),
-    **{name: list(f.annotation.__dataclass_fields__) for name, f in ConfigFile.__pydantic_fields__.items()
-       if hasattr(f.annotation, "__dataclass_fields__")},
+    "": [f.name for f in dataclasses.fields(ConfigFile)],
+    "profile": [f.name for f in dataclasses.fields(Profile)],
+    **{
+        name: [f.name for f in dataclasses.fields(kind)]
+        for name, kind in typing.get_type_hints(ConfigFile).items()
+        if dataclasses.is_dataclass(kind)
+    },
 }
 # Within a section, the order in which a problem's keys are listed where it differs from the
 # fields' (which the "expected one of" lists follow).
