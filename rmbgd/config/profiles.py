@@ -9,6 +9,10 @@ Glob rules, on the path relative to the inbox with `/` between folders:
 - `**` as a whole path segment matches any number of folders, none included;
 - a pattern ending in `/` matches everything below that folder (`white/` = `white/**`).
 Matching is case-sensitive, like the filesystem.
+
+Kept on purpose instead of wcmatch: its `**` costs O(n^k) for k of them (measured: 6 `**` on a
+40-folder path, 1.6 s per file; 7, 8 s), where this translation stays linear; and it takes
+`[z-a]` or `a/[]/b` silently as never-matching or literal text, not as a problem to report.
 """
 
 from __future__ import annotations
