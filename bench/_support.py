@@ -183,7 +183,7 @@ def daemon_config(root: Path, model_dir: Path, **sections) -> Path:
 
 def load_model(model_dir: Path, input_size: int, work: Path, device: str = "cpu", dtype: str = "auto"):
     """The segmenter exactly as the daemon loads it (on `device`, in `dtype`), warmed up."""
-    from rmbgd.config.settings import parse_config
+    from rmbgd.config import parse_config
     from rmbgd.model.loading import load_segmenter
 
     folders = {name: str(work / name) for name in ("inbox", "outbox", "errors", "done")}

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rmbgd.config.settings import parse_config
+    from rmbgd.config import parse_config
     from rmbgd.model import backends
     from rmbgd.model.device import _cpu_has_bfloat16
     from rmbgd.model.loading import load_segmenter

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rmbgd.config.settings import OutputConfig, Padding  # noqa: E402
+from rmbgd.config import OutputConfig, Padding  # noqa: E402
 from rmbgd.imaging.decode import DecodedImage  # noqa: E402
 from rmbgd.model.refine import estimate_foreground  # noqa: E402
 from rmbgd.render.render import render  # noqa: E402

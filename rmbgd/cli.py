@@ -1,4 +1,4 @@
-"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `rmbgd doctor`, `--version`.
+"""Command line: `rmbgd run`, `rmbgd check`, `rmbgd process`, `rmbgd doctor`, `rmbgd config-schema`, `--version`.
 
 User errors (a bad config, a model that cannot be loaded) end in one readable line and a
 non-zero exit, never a traceback; only a bug in rmbgd itself shows one.
@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_option(fetch)
     fetch.add_argument("--to", metavar="DIR", help="download into this folder instead of the cache")
+
+    commands.add_parser(
+        "config-schema",
+        help="print the config file's JSON Schema",
+        description="Print the JSON Schema of the YAML config on stdout, for editors that validate and "
+        "complete YAML (config.schema.json in the repository is this output).",
+    )
 
     status = commands.add_parser(
         "status",
@@ -120,6 +127,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "config-schema":
+        from rmbgd.config.json_schema import config_schema_text
+
+        sys.stdout.write(config_schema_text())
+        return 0
     if args.command == "fetch-model":
         return _fetch_model(args.config, args.to)
     if args.command == "status":
@@ -136,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _check(path: str) -> int:
     from pathlib import Path
 
-    from rmbgd.config.settings import ConfigError, check_folders, load_config
+    from rmbgd.config import ConfigError, check_folders, load_config
 
     try:
         cfg = load_config(path)
@@ -151,7 +163,7 @@ def _check(path: str) -> int:
         sys.stderr.write(f"{problem}\n")
     if problems:
         return EXIT_USAGE
-    from rmbgd.config.settings import commented_out_colours
+    from rmbgd.config import commented_out_colours
 
     # Read again: load_config already read it, so it is UTF-8 text of a sane size.
     try:
@@ -167,7 +179,7 @@ def _check(path: str) -> int:
 def _fetch_model(path: str, to: Optional[str]) -> int:
     from pathlib import Path
 
-    from rmbgd.config.settings import ConfigError, load_config
+    from rmbgd.config import ConfigError, load_config
     from rmbgd.model.hub import ModelLoadError, fetch_model
 
     try:
@@ -188,7 +200,7 @@ def _fetch_model(path: str, to: Optional[str]) -> int:
 def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int:
     from pathlib import Path
 
-    from rmbgd.config.settings import ConfigError, load_config
+    from rmbgd.config import ConfigError, load_config
     from rmbgd.ops.statusfile import default_state_dir
     from rmbgd.ops.statusreport import report
 
@@ -211,7 +223,7 @@ def _status(path: Optional[str], state_dir: Optional[str], as_json: bool) -> int
 
 def _run(path: str) -> int:
     from rmbgd.ops import logs
-    from rmbgd.config.settings import ConfigError, check_folders, load_config
+    from rmbgd.config import ConfigError, check_folders, load_config
 
     logs.configure("info")
     log = logs.get_logger()
@@ -252,7 +264,7 @@ def _run(path: str) -> int:
 def _process(args: argparse.Namespace) -> int:
     from rmbgd.ops import logs
     from rmbgd.runtime import oneshot
-    from rmbgd.config.settings import ConfigError
+    from rmbgd.config import ConfigError
     from rmbgd.runtime.daemon import StartupError, stderr_is_terminal
 
     report = oneshot.TerminalReport(sys.stderr) if stderr_is_terminal() and not args.json else oneshot.Report()

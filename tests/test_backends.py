@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rmbgd.model.backends import EXPORT_DIR_NAME, choose_backend
-from rmbgd.config.settings import ConfigError, parse_config
+from rmbgd.config import ConfigError, parse_config
 from tests.support.tinymodel import build_tiny_model, expected_alpha
 
 SIDE = 64

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd.config import settings as config_mod
-from rmbgd.config.settings import (
+import rmbgd.config as config_mod
+from rmbgd.config import folders as folders_mod
+from rmbgd.config import limits as limits_mod
+from rmbgd.config import load as load_mod
+from rmbgd.config import (
     BatchConfig,
     Config,
     ConfigError,
@@ -529,7 +532,7 @@ def test_binary_file(tmp_path: Path) -> None:
 
 
 def test_huge_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_mod, "_MAX_CONFIG_BYTES", 16)
+    monkeypatch.setattr(load_mod, "_MAX_CONFIG_BYTES", 16)
     path = write(tmp_path, MINIMAL_PATHS)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -650,7 +653,7 @@ def test_check_folders_access_denied_simulated(
             return False
         return real_access(path, mode, **kwargs)
 
-    monkeypatch.setattr(config_mod.os, "access", fake_access)
+    monkeypatch.setattr(folders_mod.os, "access", fake_access)
     cfg = make_cfg(tmp_path, outbox=str(locked / "out"))
     assert check_folders(cfg) == [
         f"paths.inbox: folder is not writable by this user ({tmp_path / 'in'})",
@@ -707,7 +710,7 @@ def _expect_prepare_denied(tmp_path: Path, locked: Path) -> None:
 def test_effective_workers_and_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg(tmp_path)
     # The usable CPUs (affinity, cgroup quota: tests/test_cpus.py), not the host's count.
-    monkeypatch.setattr(config_mod, "available_cpus", lambda: 6)
+    monkeypatch.setattr(limits_mod, "available_cpus", lambda: 6)
     assert effective_workers(cfg) == 6
     assert effective_max_in_flight(cfg) == 2 * 8 + 6
 

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rmbgd import cli
-from rmbgd.config.settings import Config
+from rmbgd.config import Config
 from tests.support.daemon import REPO, base_config, wait_until, write_config
 from tests.support.photos import pattern, save
 
@@ -444,7 +444,7 @@ class RecordingLog:
 @pytest.mark.parametrize("error", [RuntimeError("a bug\nover two lines"), PermissionError(13, "Permission denied")])
 def test_reload_turns_any_failure_into_reload_failed_and_keeps_the_config(tmp_path, monkeypatch, error):
     from rmbgd.runtime import daemon as daemon_mod
-    from rmbgd.config.settings import load_config
+    from rmbgd.config import load_config
 
     config = write_config(tmp_path / "config.yaml", base_config(tmp_path, tmp_path / "model"))
     cfg = load_config(config)

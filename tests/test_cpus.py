@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd.config import settings as config_mod
+import rmbgd.config as config_mod
 from rmbgd.config import cpus
-from rmbgd.config.settings import PipelineConfig, effective_workers, parse_config
+from rmbgd.config import PipelineConfig, effective_workers, parse_config
 from rmbgd.config.cpus import available_cpus, cgroup_cpu_dirs, usable_cpus
 
 # /proc/self/mountinfo lines as a pure cgroup v2 host, a hybrid v1 host and a container show them.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rmbgd.config.settings import PathsConfig
+from rmbgd.config import PathsConfig
 from rmbgd.output.fsops import TEMP_SUFFIX, remove_orphan_temps
 from rmbgd.output.publisher import Publisher
 from rmbgd.output.files import OutputFile
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent(
     import os, sys
     from pathlib import Path
     from rmbgd.output import fsops, publisher
-    from rmbgd.config.settings import PathsConfig
+    from rmbgd.config import PathsConfig
     from rmbgd.output.files import OutputFile
     from rmbgd.intake.workarea import WorkArea
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rmbgd.runtime import doctor
-from rmbgd.config.settings import parse_config
+from rmbgd.config import parse_config
 from tests.support.daemon import REPO, base_config, subprocess_env, write_config
 from tests.support.unprivileged import as_unprivileged, folder_for_unprivileged
 

@@ -408,7 +408,7 @@ def test_regression_temps_removed_before_linking_are_retried_not_an_assertion(tm
     """Finding 8: publisher.py asserted that its temps still existed when it linked them; a
     foreign clean-up in between raised AssertionError. Now it is an OSError the pipeline
     retries, and the next attempt publishes normally."""
-    from rmbgd.config.settings import PathsConfig
+    from rmbgd.config import PathsConfig
     from rmbgd.output.publisher import Publisher
     from rmbgd.output.files import OutputFile
     from rmbgd.intake.workarea import WorkArea

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from rmbgd import cli
-from rmbgd.config.settings import ModelConfig
+from rmbgd.config import ModelConfig
 from rmbgd.model.hub import ModelLoadError, fetch_model
 
 

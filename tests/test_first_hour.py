@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from rmbgd.config.settings import ModelConfig, commented_out_colours
+from rmbgd.config import ModelConfig, commented_out_colours
 from rmbgd.model.hub import ModelLoadError, locate_model
 from tests.support.daemon import REPO, subprocess_env
 

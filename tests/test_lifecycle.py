@@ -10,7 +10,7 @@ from typing import Any, List, Tuple
 import pytest
 
 from rmbgd.batching.job import Counters
-from rmbgd.config.settings import parse_config
+from rmbgd.config import parse_config
 from rmbgd.runtime import lifecycle
 from rmbgd.runtime.daemon import Daemon
 from rmbgd.runtime.lifecycle import EXIT_FORCED, EXIT_OK, Lifecycle, in_flight_limit

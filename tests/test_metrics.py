@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from rmbgd.ops import metrics
-from rmbgd.config.settings import parse_config
+from rmbgd.config import parse_config
 from tests.support.daemon import REPO
 
 pytest.importorskip("prometheus_client")

@@ -51,7 +51,7 @@ SIDE = 64  # the model input size for these tests; BiRefNet uses 1024
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Stand-in for rmbgd.config.settings.ModelConfig (same attributes)."""
+    """Stand-in for rmbgd.config.ModelConfig (same attributes)."""
 
     name: str = "ZhengPeng7/BiRefNet"
     device: str = "cpu"

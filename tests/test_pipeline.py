@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rmbgd.config.settings import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
+from rmbgd.config import BatchConfig, Config, ModelConfig, PathsConfig, PipelineConfig
 from rmbgd.batching.job import Counters, Job
 from rmbgd.batching.modelstage import OUT_OF_GPU_MEMORY
 from rmbgd.batching.pipeline import Pipeline

@@ -513,7 +513,7 @@ class _CountingPipeline:
 def test_never_more_files_in_flight_than_configured(monkeypatch, tmp_path):
     # In-process with a stand-in pipeline: 300 inputs must never be decoded all at once.
     from rmbgd.runtime import daemon, oneshot
-    from rmbgd.config.settings import parse_config
+    from rmbgd.config import parse_config
 
     monkeypatch.setattr(oneshot, "Pipeline", _CountingPipeline)
     monkeypatch.setattr(daemon, "load_model", lambda cfg, log: type("Seg", (), {"device": "cpu", "dtype": "float32"})())

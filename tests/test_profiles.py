@@ -7,7 +7,7 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from rmbgd.config.settings import (
+from rmbgd.config import (
     MASK_ALSO,
     MASK_NONE,
     MASK_ONLY,

@@ -100,7 +100,7 @@ def test_real_birefnet_lite_missing_a_weight_fails_the_start(daemons, birefnet_f
 def test_real_birefnet_lite_fp16_weights_run_in_fp32_on_the_cpu(tmp_path, birefnet_fixed):
     import torch
 
-    from rmbgd.config.settings import ModelConfig
+    from rmbgd.config import ModelConfig
     from rmbgd.model.loading import load_segmenter
 
     half = tmp_path / "BiRefNet_lite_fp16"
@@ -115,7 +115,7 @@ def test_real_birefnet_lite_fp16_weights_run_in_fp32_on_the_cpu(tmp_path, birefn
 
 
 def test_real_birefnet_lite_dynamic_input_size(birefnet_fixed):
-    from rmbgd.config.settings import ModelConfig
+    from rmbgd.config import ModelConfig
     from rmbgd.model.loading import load_segmenter
 
     segmenter = load_segmenter(

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from rmbgd.render.compose import SUBJECT_THRESHOLD
-from rmbgd.config.settings import MASK_ALSO, MASK_ONLY, OutputConfig, Padding
+from rmbgd.config import MASK_ALSO, MASK_ONLY, OutputConfig, Padding
 from rmbgd.imaging.decode import DecodedImage
 from rmbgd.render.render import EMPTY_MASK, RenderError, render
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmbgd.config.settings import parse_config
+from rmbgd.config import parse_config
 from rmbgd.ops import statusdoc, statusfile
 from rmbgd.ops.liveness import judge, list_instances, prune
 from rmbgd.ops.ratemeter import RateMeter

@@ -45,7 +45,7 @@ from rmbgd.batching.collector import BatchQueue
 from rmbgd.batching.handoff import Handoff, yield_to_model
 from rmbgd.batching.modelstage import ModelStage
 from rmbgd.batching.parking import Parking
-from rmbgd.config.settings import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
+from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.batching.job import Counters, Job, ms_since
 from rmbgd.batching.stages import Stages
 from rmbgd.errors import describe

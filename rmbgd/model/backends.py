@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from rmbgd.config.settings import (
+from rmbgd.config import (
     BACKEND_AUTO,
     BACKEND_ONNXRUNTIME,
     BACKEND_OPENVINO,

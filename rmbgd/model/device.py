@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
 from rmbgd.model.hub import ModelLoadError
 
 _DEVICE_RE = re.compile(r"cuda(?::(\d+))?")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
 from rmbgd.imaging.sizing import dynamic_input_size
 from rmbgd.model.warmup import WarmUp
 

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rmbgd.config.settings import DYNAMIC_INPUT_SIZE as DYNAMIC
+from rmbgd.config import DYNAMIC_INPUT_SIZE as DYNAMIC
 from rmbgd.errors import describe
 from rmbgd.model.device import is_out_of_memory
 from rmbgd.model.hub import ModelLoadError

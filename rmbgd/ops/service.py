@@ -13,7 +13,7 @@ import time
 from typing import Any, Dict, Iterator, Optional
 
 from rmbgd.ops import metrics as metrics_mod
-from rmbgd.config.settings import Config
+from rmbgd.config import Config
 from rmbgd.ops.notify import Notifier, Watchdog
 from rmbgd.ops.statusfile import StatusWriter, default_state_dir
 

@@ -29,7 +29,7 @@ from pathlib import Path, PurePath
 from typing import Any, List, Optional, Sequence, Tuple
 
 from rmbgd import __version__
-from rmbgd.config.settings import PathsConfig
+from rmbgd.config import PathsConfig
 from rmbgd.output.fsops import (
     find_linked,
     fsync_dir,

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from rmbgd.render.compose import fit_within, over_background, subject_box
-from rmbgd.config.settings import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
+from rmbgd.config import FORMAT_SUFFIXES, MASK_NONE, MASK_ONLY, MASK_SUFFIX, OutputConfig
 from rmbgd.render.encoders import encode_jpeg, encode_webp
 from rmbgd.imaging.decode import DecodedImage
 from rmbgd.imaging.pixels import combine_alpha

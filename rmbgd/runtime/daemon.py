@@ -17,7 +17,7 @@ from typing import Any, Optional
 from rmbgd.batching.collector import CallCost
 from rmbgd.batching.job import Counters, Job
 from rmbgd.batching.pipeline import Pipeline
-from rmbgd.config.settings import (
+from rmbgd.config import (
     Config,
     ConfigError,
     check_folders,

@@ -103,7 +103,7 @@ def main(config_path: Optional[str], out: IO[str] = sys.stdout) -> int:
 
 
 def _load(config_path: Optional[str], report: Callable[[Result], None]) -> Any:
-    from rmbgd.config.settings import ConfigError, load_config, parse_config
+    from rmbgd.config import ConfigError, load_config, parse_config
 
     if not config_path:
         report(Result(SKIP, "config", "no --config given: checking the defaults (model.name, model.device)"))
@@ -353,7 +353,7 @@ def _cached_file(model_cfg: Any, filename: str) -> Optional[str]:
 
 
 def check_folders(cfg: Any) -> List[Result]:
-    from rmbgd.config.settings import check_folders as config_folder_problems
+    from rmbgd.config import check_folders as config_folder_problems
 
     problems = config_folder_problems(cfg)
     if problems:

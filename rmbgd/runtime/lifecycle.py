@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, TypeVar
 
 from rmbgd import __version__
 from rmbgd.batching.job import Counters
-from rmbgd.config.settings import Config, effective_max_in_flight, effective_workers
+from rmbgd.config import Config, effective_max_in_flight, effective_workers
 from rmbgd.ops import logs
 
 TICK_SECONDS = 0.1

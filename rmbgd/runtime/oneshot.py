@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from rmbgd.config.settings import (
+from rmbgd.config import (
     Config,
     ConfigError,
     load_config,

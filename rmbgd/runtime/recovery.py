@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List
 
-from rmbgd.config.settings import PathsConfig
+from rmbgd.config import PathsConfig
 from rmbgd.errors import describe
 from rmbgd.intake.filekinds import special_file_reason
 from rmbgd.intake.workarea import Claim, WorkArea

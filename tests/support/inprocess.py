@@ -1,7 +1,7 @@
 """The real daemon in a background thread of the test process, with a fake model.
 
 What is real: `rmbgd.runtime.daemon.Daemon` and everything it drives (config objects from
-`rmbgd.config.settings.parse_config`, folders under the test's tmp_path, the inotify watcher, the work
+`rmbgd.config.parse_config`, folders under the test's tmp_path, the inotify watcher, the work
 area, the pipeline and its pools, the publisher). What is fake: the segmenter (a mask computed
 from the pixels, no torch: red-ish pixels opaque, blue-ish transparent, see `FakeSegmenter`)
 and the retry delays (milliseconds instead of seconds). A daemon starts in well under a
@@ -48,7 +48,7 @@ import pytest
 import structlog
 from PIL import Image
 
-from rmbgd.config.settings import Config, parse_config
+from rmbgd.config import Config, parse_config
 from rmbgd.runtime.daemon import Daemon
 
 WAIT_S = 30.0
