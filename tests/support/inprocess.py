@@ -2,8 +2,8 @@
 
 What is real: `rmbgd.runtime.daemon.Daemon` and everything it drives (config objects from
 `rmbgd.config.settings.parse_config`, folders under the test's tmp_path, the inotify watcher, the work
-area, the pipeline and its pools, the publisher). What is fake: the segmenter (a mask computed
-from the pixels, no torch: red-ish pixels opaque, blue-ish transparent, see `FakeSegmenter`)
+area, the pipeline and its pools, the publisher). What is fake: the segmenter (the tiny model's mask
+computed from the pixels without torch, see `FakeSegmenter`)
 and the retry delays (milliseconds instead of seconds). A daemon starts in well under a
 second, so a test can run dozens, and can patch anything in-process (see faultfs.py).
 
@@ -50,6 +50,7 @@ from PIL import Image
 
 from rmbgd.config.settings import Config, parse_config
 from rmbgd.runtime.daemon import Daemon
+from tests.support.tinymodel import GAIN, OFFSET
 
 WAIT_S = 30.0
 JOIN_S = 30.0
@@ -77,8 +78,8 @@ Failure = Optional[BaseException]
 class FakeSegmenter:
     """A segmenter the pipeline accepts (see rmbgd.model.segmenter.Segmenter), without torch.
 
-    The mask is 255 where a pixel is more red than blue, at the original's size:
-    deterministic, so outputs can be checked. By default it takes the CPU path, as the real
+    The mask is the tiny model's (tests/support/tinymodel.py: alpha from the red channel, so
+    tests/support/photos.check_output holds for it), at the original's size. By default it takes the CPU path, as the real
     segmenter does on a machine without a GPU (`splits_work`): `resize_input` and `prepare` in
     the decode pool, `stack` in the stage thread, `predict_prepared` in the model thread,
     `finish` in the encode pool. `splits_work=False` gives the GPU path (`predict` only).
@@ -143,11 +144,19 @@ class FakeSegmenter:
         return [self._mask(pixels, size) for pixels, size in zip(arrays, sizes)]
 
     @staticmethod
-    def _mask(pixels: np.ndarray, size: tuple) -> np.ndarray:
-        width, height = size
-        wide = pixels.astype(np.int16)
-        small = np.where(wide[..., 0] > wide[..., 2], 255, 0).astype(np.uint8)
-        return np.asarray(Image.fromarray(small).resize((width, height), Image.NEAREST))
+    def _logits(pixels: np.ndarray) -> np.ndarray:
+        """The tiny model's logit per pixel (tests/support/tinymodel.py): from the red channel."""
+        return (GAIN * (pixels[..., 0].astype(np.float32) / 255.0) + OFFSET).astype(np.float32)
+
+    @staticmethod
+    def _to_mask(logits: np.ndarray, size: tuple) -> np.ndarray:
+        width, height = (int(v) for v in size)
+        probs = (255.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        full = np.asarray(Image.fromarray(probs, mode="F").resize((width, height), Image.BILINEAR))
+        return np.clip(np.rint(full), 0, 255).astype(np.uint8)
+
+    def _mask(self, pixels: np.ndarray, size: tuple) -> np.ndarray:
+        return self._to_mask(self._logits(pixels), size)
 
     # -- the CPU path in steps (the contracts of Segmenter's methods of the same names) ---------
     def resize_input(self, rgb: np.ndarray, size: tuple) -> np.ndarray:
@@ -175,12 +184,11 @@ class FakeSegmenter:
         return np.stack(list(prepared))
 
     def predict_prepared(self, prepared: Any) -> List[np.ndarray]:
-        """`prepare`d inputs (or their `stack`) -> one (1, h, w) float32 'logit' per image:
-        +8 where red beats blue, -8 elsewhere."""
+        """`prepare`d inputs (or their `stack`) -> the (1, h, w) float32 logits of each."""
         self._ran("predict_prepared")
         pixels = prepared if isinstance(prepared, np.ndarray) else self.stack(prepared)
         self._model_call([tuple(int(v) for v in one[:, 0, 0]) for one in pixels])
-        return [np.where(one[0] > one[2], 8.0, -8.0).astype(np.float32)[None] for one in pixels]
+        return [self._logits(one.transpose(1, 2, 0))[None] for one in pixels]
 
     def finish(self, logits: np.ndarray, size: tuple) -> np.ndarray:
         """(1, h, w) logits -> the (height, width) uint8 mask for `size` (width, height)."""
@@ -188,9 +196,7 @@ class FakeSegmenter:
         error = self.fail_finish(tuple(size))
         if error is not None:
             raise error
-        width, height = (int(v) for v in size)
-        small = np.where(logits[0] > 0, 255, 0).astype(np.uint8)
-        return np.asarray(Image.fromarray(small).resize((width, height), Image.NEAREST))
+        return self._to_mask(logits[0], size)
 
 
 class LogCapture:
