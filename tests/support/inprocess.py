@@ -89,6 +89,7 @@ class FakeSegmenter:
     test marks an image by its colour, see `colour`), on either path; `fail_prepare` and
     `fail_resize` that colour for one image, `fail_finish` the (width, height) of one original.
     A RuntimeError saying "out of memory" is what the pipeline takes for the GPU running out.
+    `call_seconds` is the time each model call takes (simulated accelerator time).
     """
 
     device = "cpu"
@@ -99,8 +100,10 @@ class FakeSegmenter:
                  fail_predict: Callable[[List[tuple]], Failure] = lambda colours: None,
                  fail_prepare: Callable[[tuple], Failure] = lambda colour: None,
                  fail_resize: Callable[[tuple], Failure] = lambda colour: None,
-                 fail_finish: Callable[[tuple], Failure] = lambda size: None) -> None:
+                 fail_finish: Callable[[tuple], Failure] = lambda size: None,
+                 call_seconds: float = 0.0) -> None:
         self.splits_work = splits_work
+        self.call_seconds = call_seconds
         self.fail_predict = fail_predict
         self.fail_prepare = fail_prepare
         self.fail_resize = fail_resize
@@ -128,6 +131,8 @@ class FakeSegmenter:
         error = self.fail_predict(colours)
         if error is not None:
             raise error
+        if self.call_seconds:
+            time.sleep(self.call_seconds)  # the accelerator's time, as the tiny model's delay_ms_per_call
 
     def batch_sizes(self) -> List[int]:
         with self._lock:
@@ -229,6 +234,16 @@ class LogCapture:
         with self._cond:
             return [r for r in self.records if r.get("event") in names]
 
+    def snapshot(self) -> List[dict]:
+        with self._cond:
+            return list(self.records)
+
+    def next_record(self, timeout: float) -> None:
+        """Block until anything new is logged, at most `timeout` seconds."""
+        with self._cond:
+            seen = len(self.records)
+            self._cond.wait_for(lambda: len(self.records) > seen, timeout)
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition",
                    alive: Callable[[], bool] = lambda: True) -> None:
         """Wait until `predicate()` holds, re-checking whenever an event is logged (and at
@@ -322,6 +337,15 @@ class InProcessDaemon:
 
     def crashes(self) -> List[dict]:
         return self.log.events(*CRASH_EVENTS)
+
+    @property
+    def records(self) -> List[dict]:
+        """Every event so far, in order (as DaemonProcess.records)."""
+        return self.log.snapshot()
+
+    def next_record(self, timeout: float) -> None:
+        """As DaemonProcess.next_record: until anything new is logged, at most `timeout` s."""
+        self.log.next_record(timeout)
 
     def wait_for(self, name: str, where: Callable[[dict], bool] = lambda r: True, timeout: float = WAIT_S) -> dict:
         return self.log.wait_for(name, where, timeout, alive=self._still_expected(name))
