@@ -5,12 +5,13 @@ bound logger whose events end in `entries` (dicts with "event", "log_level" and 
 as `structlog.testing.capture_logs` gives them) instead of stdout. Unlike `capture_logs` it
 changes no global structlog configuration, so tests that run a daemon or other loggers in
 threads beside it are not affected. (For waiting on events that other threads log, in order,
-see tests/support/inprocess.py.)
+see `WaitableLog` below and tests/support/inprocess.py.)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, List
 
 import structlog
@@ -18,8 +19,8 @@ from structlog.testing import LogCapture
 
 
 class CapturedLog:
-    def __init__(self) -> None:
-        self._capture = LogCapture()
+    def __init__(self, capture: LogCapture = None) -> None:
+        self._capture = capture if capture is not None else LogCapture()
         self._logger = structlog.wrap_logger(
             structlog.ReturnLogger(),
             processors=[self._capture],
@@ -47,3 +48,36 @@ class CapturedLog:
         found = self.of(name)
         assert found, f"no {name} event in {self.names()}"
         return found[-1]
+
+
+class _NotifyingCapture(LogCapture):
+    def __init__(self, changed: threading.Condition) -> None:
+        super().__init__()
+        self._changed = changed
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict) -> Any:
+        with self._changed:
+            try:
+                return super().__call__(logger, method_name, event_dict)  # raises DropEvent
+            finally:
+                self._changed.notify_all()
+
+
+class WaitableLog(CapturedLog):
+    """A CapturedLog that other threads log to while the test waits for an event."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        super().__init__(_NotifyingCapture(self._changed))
+
+    @property
+    def entries(self) -> List[dict]:
+        with self._changed:
+            return list(self._capture.entries)
+
+    def wait_for(self, name: str, timeout: float) -> dict:
+        """The first event called `name`, logged already or within `timeout` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: any(e["event"] == name for e in self._capture.entries), timeout):
+                raise AssertionError(f"no {name!r} within {timeout}s: {[e['event'] for e in self._capture.entries]}")
+        return self.of(name)[0]
