@@ -16,6 +16,7 @@ import pytest
 
 from rmbgd.model.backends import EXPORT_DIR_NAME, choose_backend
 from rmbgd.config import ConfigError, parse_config
+from tests.support.logcapture import CapturedLog
 from tests.support.tinymodel import build_tiny_model, expected_alpha
 
 SIDE = 64
@@ -31,21 +32,6 @@ def model_cfg(tmp_path: Path, model_dir: Path, **model: object):
     folders = {name: str(tmp_path / name) for name in ("inbox", "outbox", "errors", "done")}
     data = {"name": str(model_dir), "device": "cpu", "input_size": SIDE, **model}
     return parse_config({"paths": folders, "model": data}, tmp_path).model
-
-
-class RecordingLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
-
-    def info(self, event: str, **fields) -> None:
-        self.events.append((event, fields))
-
-    warning = debug = info
-
-    def fields(self, name: str) -> dict:
-        found = [fields for event, fields in self.events if event == name]
-        assert found, f"no {name} event in {[event for event, _ in self.events]}"
-        return found[-1]
 
 
 def photo() -> np.ndarray:
@@ -134,7 +120,7 @@ def test_export_load_predict_and_cache(tmp_path: Path, deform_dir: Path, backend
     needs(backend)
     from rmbgd.model.loading import load_segmenter
 
-    log = RecordingLog()
+    log = CapturedLog()
     segmenter = load_segmenter(model_cfg(tmp_path, deform_dir, backend=backend), log=log)
     # stdout carries the daemon's JSON log: the exporters' progress must not reach it.
     assert capfd.readouterr().out == ""
@@ -148,7 +134,7 @@ def test_export_load_predict_and_cache(tmp_path: Path, deform_dir: Path, backend
     assert_masks_right(segmenter)
 
     # A second start reuses the export.
-    again = RecordingLog()
+    again = CapturedLog()
     load_segmenter(model_cfg(tmp_path, deform_dir, backend=backend), log=again)
     assert again.fields("model_loaded")["exported"] is False
     assert again.fields("model_loaded")["export"] == loaded["export"]
@@ -166,7 +152,7 @@ def test_fallback_when_no_folder_can_hold_the_export(tmp_path: Path, monkeypatch
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
 
-    log = RecordingLog()
+    log = CapturedLog()
     segmenter = load_segmenter(model_cfg(tmp_path, model_dir, backend=backend), log=log)
     loaded = log.fields("model_loaded")
     assert loaded["backend"] == "torch" and segmenter.backend == "torch"
@@ -181,11 +167,11 @@ def test_a_corrupt_cached_export_is_made_again(tmp_path: Path) -> None:
 
     model_dir = build_tiny_model(tmp_path / "model")
     cfg = model_cfg(tmp_path, model_dir, backend="onnxruntime")
-    first = RecordingLog()
+    first = CapturedLog()
     load_segmenter(cfg, log=first)
     Path(first.fields("model_loaded")["export"]).write_bytes(b"\x08garbage")
 
-    log = RecordingLog()
+    log = CapturedLog()
     segmenter = load_segmenter(cfg, log=log)
     loaded = log.fields("model_loaded")
     assert loaded["backend"] == "onnxruntime" and loaded["exported"] is True
@@ -206,7 +192,7 @@ def test_a_backend_failing_its_warmup_hands_over_to_torch(tmp_path: Path) -> Non
             raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223")
 
     model_dir = build_tiny_model(tmp_path / "model")
-    log = RecordingLog()
+    log = CapturedLog()
     loaded = load_segmenter(model_cfg(tmp_path, model_dir), log=log)
     from rmbgd.model.segmenter import Segmenter
 

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from rmbgd import cli
 from rmbgd.config import Config
 from tests.support.daemon import REPO, base_config, wait_until, write_config
+from tests.support.logcapture import CapturedLog
 from tests.support.photos import pattern, save
 
 # A problem line: its key in dotted form (`profiles[0].output.format`), then what is wrong.
@@ -431,16 +432,6 @@ def test_reload_of_generated_configs_never_stops_the_daemon(daemons, folders, tm
     assert daemon.stop() == 0
 
 
-class RecordingLog:
-    """Stands in for the structlog logger: keeps (level, event, fields)."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict]] = []
-
-    def __getattr__(self, level: str):
-        return lambda event, **fields: self.records.append((level, event, fields))
-
-
 @pytest.mark.parametrize("error", [RuntimeError("a bug\nover two lines"), PermissionError(13, "Permission denied")])
 def test_reload_turns_any_failure_into_reload_failed_and_keeps_the_config(tmp_path, monkeypatch, error):
     from rmbgd.runtime import daemon as daemon_mod
@@ -448,7 +439,7 @@ def test_reload_turns_any_failure_into_reload_failed_and_keeps_the_config(tmp_pa
 
     config = write_config(tmp_path / "config.yaml", base_config(tmp_path, tmp_path / "model"))
     cfg = load_config(config)
-    log = RecordingLog()
+    log = CapturedLog()
     daemon = daemon_mod.Daemon(cfg, log)
 
     def broken(path, **kwargs):
@@ -457,8 +448,8 @@ def test_reload_turns_any_failure_into_reload_failed_and_keeps_the_config(tmp_pa
     monkeypatch.setattr(daemon_mod, "load_config", broken)
     daemon._reload()
     assert daemon.cfg is cfg
-    [(level, event, fields)] = [r for r in log.records if r[1].startswith("reload")]
-    assert (level, event) == ("error", "reload_failed")
+    [fields] = [e for e in log.entries if e["event"].startswith("reload")]
+    assert (fields["log_level"], fields["event"]) == ("error", "reload_failed")
     assert fields["error"].startswith(f"{config}: cannot be checked: {type(error).__name__}: ")
     assert "\n" not in fields["error"]
     # A bug keeps its traceback in the JSON log, for the report that fixes it.

@@ -4,20 +4,19 @@ output, no temp file and nothing left in the work area."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
 
 from rmbgd.config import PathsConfig
+from rmbgd.output import fsops, publisher
 from rmbgd.output.fsops import TEMP_SUFFIX, remove_orphan_temps
 from rmbgd.output.publisher import Publisher
 from rmbgd.output.files import OutputFile
 from rmbgd.intake.workarea import WorkArea
 
-# Each entry: (name, python statements that arm the crash inside the child process).
+# Each entry: (name, python statements that arm the crash inside the forked child).
 # `pub` is the Publisher, `fsops`/`publisher` the modules; `die()` ends the process at once.
 DELIVERY_CRASHES = {
     "after_temp_before_intent": "pub._write_intent = lambda *a, **k: die()",
@@ -35,44 +34,37 @@ REJECT_CRASHES = {
     "after_sidecar_before_source_removed": "publisher.remove_file = lambda *a, **k: die()",
 }
 
-CHILD = textwrap.dedent(
-    """
-    import os, sys
-    from pathlib import Path
-    from rmbgd.output import fsops, publisher
-    from rmbgd.config import PathsConfig
-    from rmbgd.output.files import OutputFile
-    from rmbgd.intake.workarea import WorkArea
+def die():
+    os._exit(9)
 
-    def die():
-        os._exit(9)
 
-    def then_die(fn, calls=1):
-        seen = []
-        def wrapped(*a, **k):
-            result = fn(*a, **k)
-            seen.append(1)
-            if len(seen) >= calls:
-                die()
-            return result
-        return wrapped
+def then_die(fn, calls=1):
+    seen = []
 
-    root, action, arm = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    done = None if sys.argv[4] == "none" else root / "done"
-    files = [OutputFile(".png", b"PNG-BYTES"), OutputFile(".mask.png", b"MASK-BYTES")][: int(sys.argv[5])]
-    paths = PathsConfig(inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=done)
+    def wrapped(*a, **k):
+        result = fn(*a, **k)
+        seen.append(1)
+        if len(seen) >= calls:
+            die()
+        return result
+
+    return wrapped
+
+
+def _crash_in_child(root: Path, action: str, arm: str, done: str, files: int) -> None:
+    """The victim: arms the crash (patching this process's modules only) and delivers or rejects."""
+    done_dir = None if done == "none" else root / "done"
+    outputs = [OutputFile(".png", b"PNG-BYTES"), OutputFile(".mask.png", b"MASK-BYTES")][:files]
+    paths = PathsConfig(inbox=root / "inbox", outbox=root / "outbox", errors=root / "errors", done=done_dir)
     work = WorkArea(paths.inbox, instance="victim")
     work.open()
     claim = work.claim(paths.inbox / "a" / "x.jpg")
     pub = publisher.Publisher(paths, owner="victim")
-    exec(arm)
+    exec(arm, {"pub": pub, "publisher": publisher, "fsops": fsops, "die": die, "then_die": then_die})
     if action == "deliver":
-        pub.deliver(claim, files)
+        pub.deliver(claim, outputs)
     else:
         pub.reject(claim, stage="decode", error="broken")
-    os._exit(0)
-    """
-)
 
 
 def setup_root(tmp_path: Path) -> Path:
@@ -83,9 +75,20 @@ def setup_root(tmp_path: Path) -> Path:
 
 
 def crash_child(root: Path, action: str, arm: str, done: str = "done", files: int = 1) -> int:
-    command = [sys.executable, "-c", CHILD, str(root), action, arm, done, str(files)]
-    result = subprocess.run(command, timeout=60)
-    return result.returncode
+    """Run the victim in a forked child (a fork costs milliseconds, a new interpreter a third
+    of a second, times some fifty cases); its exit status, 9 when the crash fired."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest, whatever happens
+        status = 1
+        try:
+            _crash_in_child(root, action, arm, done, files)
+            status = 0
+        except BaseException:  # reported as a non-9 status; the traceback goes to stderr
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def recover(root: Path, done: str = "done", temps_first: bool = False):

@@ -1,4 +1,6 @@
-"""End-to-end: a real daemon process, real folders, the tiny model loaded like BiRefNet."""
+"""The daemon on real folders: end-to-end with a real daemon process and the tiny model loaded
+like BiRefNet (`daemons`), and the behaviour that needs no process of its own with the real
+daemon in-process and the tiny model's mask from a fake segmenter (`inprocess`, faster)."""
 
 import json
 import os
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from tests.support.daemon import wait_until
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import RED, check_output, pattern, save
 
 ALL_DONE = ("file_done", "file_failed")
@@ -81,8 +84,8 @@ def test_mix_of_images_batched_with_known_masks(daemons, folders):
     assert [p for p in inbox.rglob("*") if p.is_file() and ".rmbgd" not in p.parts] == []
 
 
-def test_exif_orientation_and_input_modes(daemons, folders, tmp_path):
-    daemon = daemons.start()
+def test_exif_orientation_and_input_modes(inprocess, folders, tmp_path):
+    daemon = inprocess.start()
     inbox = folders.inbox
     base = pattern(80, 50, (0.0, 0.0, 0.3, 0.5))  # asymmetric, so a missed rotation shows
     exif = Image.Exif()
@@ -109,6 +112,8 @@ def test_exif_orientation_and_input_modes(daemons, folders, tmp_path):
         check_output(mapping[inbox / "pal.png"], np.asarray(im.convert("RGB")))
     with Image.open(folders.done / "cmyk.tiff") as im:
         check_output(mapping[inbox / "cmyk.tiff"], np.asarray(im.convert("RGB")))
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -121,8 +126,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def test_bad_inputs_go_to_errors_while_good_ones_succeed(daemons, folders):
-    daemon = daemons.start()
+def test_bad_inputs_go_to_errors_while_good_ones_succeed(inprocess, folders):
+    daemon = inprocess.start()
     inbox = folders.inbox
     good_rgb = pattern(60, 40, (0.1, 0.1, 0.6, 0.9))
     save(good_rgb, inbox / "good.png", "PNG")
@@ -160,16 +165,17 @@ def test_bad_inputs_go_to_errors_while_good_ones_succeed(daemons, folders):
     assert "max_pixels" in failed["bomb.png"]["error"]
     assert "empty" in failed["empty.jpg"]["error"]
     check_output(folders.outbox / "good.png", good_rgb)
-    assert daemon.proc.poll() is None, "the daemon keeps running"
+    assert daemon.alive(), "the daemon keeps running"
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_startup_scan_and_delete_originals(daemons, folders):
+def test_startup_scan_and_delete_originals(inprocess, folders):
     inbox = folders.inbox
     rgb = pattern(70, 70, (0.3, 0.3, 0.9, 0.9))
     for i in range(3):
         save(rgb, inbox / f"old{i}.png", "PNG")
-    config = daemons.config(paths={"done": None})
-    daemon = daemons.start(config)
+    daemon = inprocess.start(paths={"done": None})
     records = daemon.wait_count(ALL_DONE, 3)
     assert all(r["event"] == "file_done" for r in records)
     for i in range(3):
@@ -177,10 +183,12 @@ def test_startup_scan_and_delete_originals(daemons, folders):
         assert not (inbox / f"old{i}.png").exists()
     assert all(r["original"] == "deleted" for r in records)
     assert not folders.done.exists() or not any(folders.done.iterdir())
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_name_collisions_never_overwrite(daemons, folders):
-    daemon = daemons.start()
+def test_name_collisions_never_overwrite(inprocess, folders):
+    daemon = inprocess.start()
     inbox = folders.inbox
     one = pattern(60, 60, (0.0, 0.0, 0.5, 0.5))
     two = pattern(60, 60, (0.5, 0.5, 1.0, 1.0))
@@ -200,10 +208,12 @@ def test_name_collisions_never_overwrite(daemons, folders):
     check_output(third, three)
     check_output(mapping[inbox / "x.png"], one)
     assert (folders.done / "x.png").exists() and (folders.done / "x-1.png").exists()
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_real_writers_rename_copy_and_slow_writer(daemons, folders, tmp_path):
-    daemon = daemons.start()
+def test_real_writers_rename_copy_and_slow_writer(inprocess, folders, tmp_path):
+    daemon = inprocess.start(watch={"settle_seconds": 0.3, "writer_timeout_seconds": 60})
     inbox = folders.inbox
     rgb = pattern(100, 80, (0.2, 0.1, 0.7, 0.9))
     staged = save(rgb, tmp_path / "staged.png", "PNG")
@@ -242,14 +252,16 @@ def test_real_writers_rename_copy_and_slow_writer(daemons, folders, tmp_path):
         check_output(folders.outbox / name, rgb)
     assert daemon.events("file_failed") == []
     assert len(daemon.events("file_done")) == 4
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_symlinks_are_never_followed(daemons, folders, tmp_path):
+def test_symlinks_are_never_followed(inprocess, folders, tmp_path):
     outside_file = save(pattern(40, 40, (0, 0, 1, 1)), tmp_path / "outside" / "precious.png", "PNG")
     outside_dir = tmp_path / "outside_dir"
     save(pattern(40, 40, (0, 0, 1, 1)), outside_dir / "inner.png", "PNG")
     before = outside_file.read_bytes()
-    daemon = daemons.start()
+    daemon = inprocess.start()
     inbox = folders.inbox
     (inbox / "link.png").symlink_to(outside_file)
     (inbox / "linkdir").symlink_to(outside_dir, target_is_directory=True)
@@ -263,6 +275,8 @@ def test_symlinks_are_never_followed(daemons, folders, tmp_path):
     assert (outside_dir / "inner.png").exists()
     assert not (folders.outbox / "linkdir").exists()
     assert (folders.outbox / "real.png").exists()
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
 def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, folders, slow_model):

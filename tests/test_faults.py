@@ -1,5 +1,8 @@
 """Faults injected into a real daemon: kills, signals, disks that fail, inputs that race or
-attack. The promise under test: every input ends up exactly once in the outbox or in errors."""
+attack. The promise under test: every input ends up exactly once in the outbox or in errors.
+
+Kills and signals need a daemon process of its own (`daemons`); the rest runs the real daemon
+in-process with a fake model (`inprocess`, tests/support/inprocess.py), which is faster."""
 
 import errno
 import os
@@ -15,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.support.daemon import wait_until
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import check_output, pattern, save
 
 ALL_DONE = ("file_done", "file_failed")
@@ -103,8 +107,8 @@ def test_second_signal_stops_at_once_and_nothing_is_lost(daemons, folders, tiny_
     assert_accounted_exactly_once(folders, names, rgb)
 
 
-def test_outbox_deleted_at_runtime_is_waited_for_not_blamed(daemons, folders):
-    daemon = daemons.start()
+def test_outbox_deleted_at_runtime_is_waited_for_not_blamed(inprocess, folders):
+    daemon = inprocess.start()
     shutil.rmtree(folders.outbox)
     rgb = pattern(60, 60, (0.0, 0.0, 0.5, 1.0))
     drop_atomically(rgb, folders.inbox / "x.png")
@@ -117,10 +121,11 @@ def test_outbox_deleted_at_runtime_is_waited_for_not_blamed(daemons, folders):
     check_output(folders.outbox / "x.png", rgb)
     assert daemon.events("file_failed") == []
     assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_errors_folder_missing_keeps_the_input_claimed_until_it_returns(daemons, folders):
-    daemon = daemons.start()
+def test_errors_folder_missing_keeps_the_input_claimed_until_it_returns(inprocess, folders):
+    daemon = inprocess.start()
     shutil.rmtree(folders.errors)
     bad = folders.inbox / "notes.jpg"
     hidden = folders.inbox / ".notes.jpg"
@@ -133,6 +138,8 @@ def test_errors_folder_missing_keeps_the_input_claimed_until_it_returns(daemons,
     assert failed["stage"] == "decode"
     assert (folders.errors / "notes.jpg").read_bytes() == b"not an image"
     assert (folders.errors / "notes.jpg.error.json").exists()
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
 @pytest.fixture
@@ -154,7 +161,7 @@ def small_mount(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def test_full_outbox_is_retried_with_backoff_until_space_returns(daemons, folders, small_mount):
+def test_full_outbox_is_retried_with_backoff_until_space_returns(inprocess, folders, small_mount):
     small_mount(folders.outbox)
     filler = folders.outbox / "filler.bin"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
@@ -165,7 +172,7 @@ def test_full_outbox_is_retried_with_backoff_until_space_returns(daemons, folder
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(fd)
-    daemon = daemons.start()
+    daemon = inprocess.start()
     noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
     noise[..., 0] = 255  # opaque everywhere, incompressible colours: a PNG far above free space
     drop_atomically(noise, folders.inbox / "big.png")
@@ -178,11 +185,13 @@ def test_full_outbox_is_retried_with_backoff_until_space_returns(daemons, folder
         assert im.size == (200, 200)
     assert daemon.events("file_failed") == []
     assert not [p for p in folders.outbox.iterdir() if p.name.startswith(".")], "no temp file left"
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_read_only_done_folder_is_retried_not_lost(daemons, folders, small_mount):
+def test_read_only_done_folder_is_retried_not_lost(inprocess, folders, small_mount):
     small_mount(folders.done)
-    daemon = daemons.start()  # a read-only folder at start-up is a config error; at runtime, a fault
+    daemon = inprocess.start()  # a read-only folder at start-up is a config error; at runtime, a fault
     subprocess.run(["mount", "-o", "remount,ro", str(folders.done)], check=True)
     rgb = pattern(50, 50, (0.0, 0.0, 1.0, 0.5))
     drop_atomically(rgb, folders.inbox / "y.png")
@@ -191,10 +200,12 @@ def test_read_only_done_folder_is_retried_not_lost(daemons, folders, small_mount
     daemon.wait_for("file_done", timeout=60)
     assert all_files(folders.outbox) == ["y.png"], "published exactly once despite the retries"
     assert all_files(folders.done) == ["y.png"]
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_inputs_that_vanish_or_move_cause_no_errors(daemons, folders):
-    daemon = daemons.start(watch={"settle_seconds": 1.0})
+def test_inputs_that_vanish_or_move_cause_no_errors(inprocess, folders):
+    daemon = inprocess.start(watch={"settle_seconds": 1.0})
     rgb = pattern(40, 40, (0.0, 0.0, 1.0, 1.0))
     source = save(rgb, folders.inbox.parent / "source.png", "PNG")
     sub = folders.inbox / "sub"
@@ -215,14 +226,16 @@ def test_inputs_that_vanish_or_move_cause_no_errors(daemons, folders):
     daemon.wait_for("file_done", lambda r: r["input"] == str(sentinel))
     assert daemon.events("file_failed") == []
     assert all_files(folders.errors) == []
-    assert daemon.proc.poll() is None
+    assert daemon.alive()
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_hostile_entries_never_block_or_escape_the_inbox(daemons, folders, tmp_path):
+def test_hostile_entries_never_block_or_escape_the_inbox(inprocess, folders, tmp_path, capfd):
     outside = tmp_path / "outside"
     precious = save(pattern(30, 30, (0, 0, 1, 1)), outside / "precious.png", "PNG")
     precious_bytes = precious.read_bytes()
-    daemon = daemons.start()
+    daemon = inprocess.start()
     inbox = folders.inbox
     rgb = pattern(64, 48, (0.1, 0.1, 0.6, 0.9))
 
@@ -261,18 +274,20 @@ def test_hostile_entries_never_block_or_escape_the_inbox(daemons, folders, tmp_p
     assert (folders.errors / "link_outside.png").is_symlink()
     check_output(folders.outbox / ("L" * 240 + ".png"), rgb)
     assert os.path.exists(os.fsencode(folders.outbox) + b"/caf\xe9-latin1.png")
-    assert daemon.stderr_lines == [] and daemon.non_json == []
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", ""), "nothing may bypass the log"
     assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_many_files_keep_claims_bounded(daemons, folders):
+def test_many_files_keep_claims_bounded(inprocess, folders):
     rgb = pattern(32, 32, (0.0, 0.0, 0.5, 0.5))
     encoded = save(rgb, folders.inbox.parent / "one.png", "PNG").read_bytes()
     total = 300
     for i in range(total):
         (folders.inbox / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
         (folders.inbox / f"d{i % 5}" / f"f{i:04d}.png").write_bytes(encoded)
-    daemon = daemons.start(pipeline={"max_in_flight": 6}, batch={"size": 4, "max_wait_ms": 20})
+    daemon = inprocess.start(pipeline={"max_in_flight": 6}, batch={"size": 4, "max_wait_ms": 20})
     most = 0
 
     def finished():
@@ -281,19 +296,23 @@ def test_many_files_keep_claims_bounded(daemons, folders):
         most = max(most, claimed)
         return len(daemon.events("file_done")) >= total
 
-    wait_until(finished, [daemon], timeout=240, what=f"{total} files processed")
+    daemon.wait_until(finished, timeout=240, what=f"{total} files processed")
     assert most <= 6, f"{most} files claimed at once with max_in_flight 6"
     assert daemon.events("file_failed") == []
     assert len(all_files(folders.outbox)) == total
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
-def test_polling_mode_processes_files_by_stability(daemons, folders):
-    daemon = daemons.start(watch={"polling": True, "settle_seconds": 0.3})
+def test_polling_mode_processes_files_by_stability(inprocess, folders):
+    daemon = inprocess.start(watch={"polling": True, "settle_seconds": 0.3})
     rgb = pattern(120, 100, (0.2, 0.2, 0.8, 0.8))
     save(rgb, folders.inbox / "sub" / "p.png", "PNG")
     record = daemon.wait_for("file_done")
     assert record["input"].endswith("sub/p.png")
     check_output(folders.outbox / "sub" / "p.png", rgb)
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
 
 
 def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, tiny_model, tmp_path):

@@ -1,6 +1,6 @@
 """Hostile trees: random mixes of links, FIFOs, sockets, hard links, deep folders, long names
 and files pulled away mid-claim, in the inbox and in the work folder of a dead instance,
-against a real daemon.
+against the real daemon (in-process, with a fake model: tests/support/inprocess.py).
 
 What must hold whatever the mix: every ordinary image ends exactly once in outbox+done; every
 link goes to errors/ as the link itself; FIFOs and sockets are left alone in the inbox
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.daemon import wait_until
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.hostile import OpenWatch, make_socket
 from tests.support.photos import check_output, pattern, save
 
@@ -266,11 +266,11 @@ def assert_outcome(daemon, folders, expected: Expected, secret: Secret, watch: O
                  and not rel.startswith(".rmbgd/state/")]  # the status file stays, by design
     assert leftovers == [], f"nothing left in the inbox or the work area: {leftovers}"
     assert [r for r in daemon.records if r.get("level") in ("error", "critical") and r["event"] != "file_failed"] == []
-    assert daemon.stderr_lines == [] and daemon.non_json == []
+    assert daemon.crashes() == []
 
 
 @pytest.mark.parametrize("seed", [11, 23, 47])
-def test_hostile_tree(seed, daemons, folders, tmp_path):
+def test_hostile_tree(seed, inprocess, folders, tmp_path, capfd):
     rng = random.Random(seed)
     secret = Secret.make(tmp_path / "secret")
     outside = tmp_path / "outside"
@@ -289,27 +289,29 @@ def test_hostile_tree(seed, daemons, folders, tmp_path):
             later.append(kind)
     watch = OpenWatch([secret.root, secret.folder])
     try:
-        daemon = daemons.start()
+        daemon = inprocess.start()
         for kind in later:
             maker.add(kind, folders.inbox, in_work_folder=False)
         pull_away(daemon, folders.inbox, outside, rng, expected, count=4)
         daemon.wait_count(ALL_DONE, expected.finished_count(), timeout=120)
-        wait_until(lambda: set(expected.ignored) <= {Path(r["input"]) for r in daemon.events("file_ignored")},
-                   [daemon], timeout=30, what="every FIFO and socket in the inbox logged as ignored")
+        daemon.wait_until(lambda: set(expected.ignored) <= {Path(r["input"]) for r in daemon.events("file_ignored")},
+                          timeout=30, what="every FIFO and socket in the inbox logged as ignored")
         # Still working after all that: a last image goes through like any other.
         rgb = pattern(100, 90, (0.3, 0.3, 0.9, 0.9))
         hidden = save(rgb, folders.inbox / ".last.png", "PNG")
         hidden.rename(folders.inbox / "last.png")
         expected.ordinary["last.png"] = rgb
         daemon.wait_for("file_done", lambda r: r["input"] == str(folders.inbox / "last.png"), timeout=60)
-        assert daemon.proc.poll() is None, "the daemon is still running"
+        assert daemon.alive(), "the daemon is still running"
         assert daemon.stop() == 0
         assert_outcome(daemon, folders, expected, secret, watch)
+        out, err = capfd.readouterr()
+        assert (out, err) == ("", ""), "nothing may bypass the log"
     finally:
         watch.close()
 
 
-def test_regression_dead_peer_symlink_target_is_never_read(daemons, folders, tmp_path):
+def test_regression_dead_peer_symlink_target_is_never_read(inprocess, folders, tmp_path):
     # Finding 3: a link left in a dead instance's work folder was adopted at start-up, its
     # target read and published as outbox/evil.png.
     secret = Secret.make(tmp_path / "secret")
@@ -320,7 +322,7 @@ def test_regression_dead_peer_symlink_target_is_never_read(daemons, folders, tmp
     (dead / "sub" / "evil-fifo.png").symlink_to(secret.fifo)
     watch = OpenWatch([secret.root])
     try:
-        daemon = daemons.start()
+        daemon = inprocess.start()
         records = daemon.wait_count(("file_failed", "file_done"), 2, timeout=60)
         assert {(Path(r["input"]).name, r["event"], r.get("stage")) for r in records} == {
             ("evil.png", "file_failed", "detect"), ("evil-fifo.png", "file_failed", "detect")}

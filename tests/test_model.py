@@ -35,6 +35,7 @@ from rmbgd.model.hub import ModelLoadError
 from rmbgd.model.loading import load_segmenter
 from rmbgd.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from tests.support.hidepkgs import hidden
+from tests.support.logcapture import CapturedLog
 from tests.support.tinymodel import (
     BIREFNET_LITE_CODE,
     LEGACY_CLASSES,
@@ -63,20 +64,20 @@ class ModelConfig:
     compile: bool = False
 
 
-class RecordingLog:
-    """A structlog-like logger keeping (event, fields) pairs; debug ones apart."""
+class RecordingLog(CapturedLog):
+    """structlog's LogCapture, read as (event, fields) pairs; debug ones apart."""
 
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
-        self.debug_events: list[tuple[str, dict]] = []
+    @staticmethod
+    def _pairs(entries) -> list[tuple[str, dict]]:
+        return [(e["event"], {k: v for k, v in e.items() if k not in ("event", "log_level")}) for e in entries]
 
-    def info(self, event: str, **fields) -> None:
-        self.events.append((event, fields))
+    @property
+    def events(self) -> list[tuple[str, dict]]:
+        return self._pairs(e for e in self.entries if e["log_level"] != "debug")
 
-    warning = info
-
-    def debug(self, event: str, **fields) -> None:
-        self.debug_events.append((event, fields))
+    @property
+    def debug_events(self) -> list[tuple[str, dict]]:
+        return self._pairs(e for e in self.entries if e["log_level"] == "debug")
 
     def names(self) -> list[str]:
         return [event for event, _ in self.events]

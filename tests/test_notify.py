@@ -14,26 +14,10 @@ import pytest
 
 from rmbgd.ops import notify
 from rmbgd.ops.notify import Notifier, socket_address, watchdog_interval
+from tests.support.logcapture import CapturedLog
 
 # sun_path holds 108 bytes; a deep TMPDIR must not turn into a bind() error.
 MAX_SUN_PATH = 100
-
-
-class RecordingLog:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict]] = []
-
-    def _add(self, level: str, event: str, **fields) -> None:
-        self.records.append((level, event, fields))
-
-    def warning(self, event: str, **fields) -> None:
-        self._add("warning", event, **fields)
-
-    def error(self, event: str, **fields) -> None:
-        self._add("error", event, **fields)
-
-    def events(self) -> list[str]:
-        return [event for _, event, _ in self.records]
 
 
 class Receiver:
@@ -92,13 +76,13 @@ def abstract_receiver():
 
 def test_without_notify_socket_everything_is_a_silent_no_op(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    log = RecordingLog()
+    log = CapturedLog()
     n = Notifier(log=log)
     assert not n.enabled
     assert n.ready("ok") and n.status("x") and n.watchdog() and n.reloading()
     assert n.stopping() and n.extend_timeout(10)
     assert n._sock is None
-    assert log.records == []
+    assert log.entries == []
 
 
 def test_reads_notify_socket_from_the_environment(monkeypatch, receiver):
@@ -160,21 +144,21 @@ def test_long_status_is_cut(receiver):
 
 
 def test_missing_socket_is_logged_once_and_never_raises(socket_dir):
-    log = RecordingLog()
+    log = CapturedLog()
     n = Notifier(str(socket_dir / "gone.sock"), log=log)
     assert n.enabled
     assert n.ready() is False
     assert n.watchdog() is False
     assert n.status("x") is False
-    assert log.events() == ["notify_failed"]
-    level, _, fields = log.records[0]
-    assert level == "warning" and "gone.sock" in fields["socket"]
+    assert log.names() == ["notify_failed"]
+    fields = log.entries[0]
+    assert fields["log_level"] == "warning" and "gone.sock" in fields["socket"]
     assert "FileNotFoundError" in fields["error"]
 
 
 def test_recovers_when_the_socket_comes_back(socket_dir):
     path = str(socket_dir / "later.sock")
-    n = Notifier(path, log=RecordingLog())
+    n = Notifier(path, log=CapturedLog())
     assert n.watchdog() is False
     rx = Receiver(path)
     try:
@@ -188,7 +172,7 @@ def test_recovers_when_the_socket_comes_back(socket_dir):
 @pytest.mark.timeout(120)  # a send that blocked on the full queue would never return
 def test_a_manager_that_stops_reading_cannot_hang_the_daemon(monkeypatch, receiver):
     monkeypatch.setattr(notify, "SEND_TIMEOUT_SECONDS", 0.05)
-    log = RecordingLog()
+    log = CapturedLog()
     n = Notifier(receiver.path, log=log)
     for i in range(5000):
         if not n.status(f"{i} " + "y" * 150):
@@ -196,7 +180,7 @@ def test_a_manager_that_stops_reading_cannot_hang_the_daemon(monkeypatch, receiv
     else:
         pytest.fail("the receiver's queue never filled up")
     assert n.watchdog() is False
-    assert log.events() == ["notify_failed"]
+    assert log.names() == ["notify_failed"]
     # Once the manager reads again, notifications flow again.
     while receiver.pending():
         receiver.next()
@@ -206,11 +190,11 @@ def test_a_manager_that_stops_reading_cannot_hang_the_daemon(monkeypatch, receiv
 
 @pytest.mark.parametrize("raw", ["relative.sock", "vsock:2:1234"])
 def test_an_address_that_is_not_a_unix_socket_disables_notify(raw):
-    log = RecordingLog()
+    log = CapturedLog()
     n = Notifier(raw, log=log)
     assert not n.enabled
     assert n.ready() is True
-    assert log.events() == ["notify_disabled"]
+    assert log.names() == ["notify_disabled"]
 
 
 def test_socket_address_forms():

@@ -1,5 +1,6 @@
-"""End-to-end: one daemon serving several output profiles at once, checked on real files;
-an image with nothing to crop to goes to errors/ with the reason."""
+"""One daemon serving several output profiles at once, checked on real files; an image with
+nothing to crop to goes to errors/ with the reason. The real daemon runs in-process with the
+tiny model's mask from a fake segmenter (tests/support/inprocess.py)."""
 
 import os
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import RED, pattern, save
 
 ALL_DONE = ("file_done", "file_failed")
@@ -24,8 +26,8 @@ def drop(inbox: Path, staging: Path, rel: str, rgb: np.ndarray, fmt: str) -> Non
     os.rename(path, inbox / rel)
 
 
-def test_profiles_pick_the_output_per_folder(daemons, folders, tmp_path):
-    daemon = daemons.start(profiles=PROFILES)
+def test_profiles_pick_the_output_per_folder(inprocess, folders, tmp_path):
+    daemon = inprocess.start(profiles=PROFILES)
     staging = tmp_path / "staging"
     # RED box at x 40..120, y 30..90 of 160x120 on BLUE, which the tiny model clears.
     rgb = pattern(160, 120, (0.25, 0.25, 0.75, 0.75))
@@ -68,3 +70,4 @@ def test_profiles_pick_the_output_per_folder(daemons, folders, tmp_path):
     also = [r for r in records if r.get("also")]
     assert [Path(p).name for r in also for p in r["also"]] == ["bag.mask.png"]
     assert daemon.stop() == 0
+    assert daemon.crashes() == []

@@ -27,35 +27,10 @@ from rmbgd.batching.pipeline import Pipeline
 from rmbgd.output.publisher import Publisher
 from rmbgd.intake.workarea import Claim
 from rmbgd.runtime.stages import image_stages
+from tests.support.logcapture import WaitableLog
 
 WAIT_S = 30.0
 FOREVER_MS = 60_000  # batches then go out only when full, which makes them deterministic
-
-
-class RecordingLog:
-    """A structlog-like logger, safe to call from the pipeline's threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self.events: list[tuple[str, dict]] = []
-
-    def _record(self, event: str, **fields) -> None:
-        fields["has_traceback"] = bool(fields.pop("exc_info", None))
-        with self._lock:
-            self.events.append((event, fields))
-            self._lock.notify_all()
-
-    def wait_for(self, name: str, timeout: float = WAIT_S) -> dict:
-        with self._lock:
-            if not self._lock.wait_for(lambda: any(event == name for event, _ in self.events), timeout):
-                raise AssertionError(f"no {name!r} within {timeout}s: {[event for event, _ in self.events]}")
-            return next(fields for event, fields in self.events if event == name)
-
-    debug = info = warning = error = critical = _record
-
-    def of(self, name: str) -> list[dict]:
-        with self._lock:
-            return [fields for event, fields in self.events if event == name]
 
 
 class FakeSegmenter:
@@ -113,7 +88,7 @@ class Harness:
             model=ModelConfig(name="fake", device="cpu", **model),
             pipeline=PipelineConfig(workers=2),
         )
-        self.log = RecordingLog()
+        self.log = WaitableLog()
         self.counters = Counters()
         self.finished: "queue.Queue[Job]" = queue.Queue()
         self.publisher = Publisher(paths, owner="test-1")
@@ -609,8 +584,8 @@ def test_regression_pool_task_exception_when_reject_raises_is_logged_and_frees_t
               ready_at=time.monotonic())
     run.counters.started()
     run.pipeline.submit(job)
-    event = run.log.wait_for("task_failed")
-    assert event["error"] == "ValueError: bug in reject" and event["has_traceback"]
+    event = run.log.wait_for("task_failed", WAIT_S)
+    assert event["error"] == "ValueError: bug in reject" and event.get("exc_info")
     assert event["left_claimed"] is True and event["input"].endswith("broken.png")
     wait_idle(run.counters)
     assert run.counters.snapshot() == {"processed": 0, "failed": 0, "in_flight": 0}
@@ -623,8 +598,8 @@ def test_regression_pool_task_exception_in_on_finished_is_logged_not_lost(harnes
 
     run = harness(FakeSegmenter(), batch_size=1, on_finished=on_finished)
     run.submit("a.png", 40, 30)
-    event = run.log.wait_for("task_failed")
-    assert event["error"] == "RuntimeError: callback bug" and event["has_traceback"]
+    event = run.log.wait_for("task_failed", WAIT_S)
+    assert event["error"] == "RuntimeError: callback bug" and event.get("exc_info")
     assert event["left_claimed"] is False, "it was published and counted before the callback"
     wait_idle(run.counters)
     assert run.counters.snapshot() == {"processed": 1, "failed": 0, "in_flight": 0}
@@ -635,8 +610,8 @@ def test_regression_pool_task_exception_in_batches_put_is_logged_and_frees_the_s
     run = harness(FakeSegmenter(), batch_size=1)
     monkeypatch.setattr(run.pipeline.batches, "put", lambda *a, **k: (_ for _ in ()).throw(KeyError("queue bug")))
     job = run.submit("a.png", 40, 30)
-    event = run.log.wait_for("task_failed")
-    assert event["left_claimed"] is True and event["has_traceback"]
+    event = run.log.wait_for("task_failed", WAIT_S)
+    assert event["left_claimed"] is True and event.get("exc_info")
     wait_idle(run.counters)
     assert job.claim.path.exists()
     assert run.counters.snapshot() == {"processed": 0, "failed": 0, "in_flight": 0}

@@ -22,6 +22,7 @@ from rmbgd.output.fsops import OwnerLock, write_temp
 from rmbgd.runtime.oneshot import default_owner
 from tests.support.daemon import REPO, subprocess_env, write_config
 from tests.support.hostile import OpenWatch
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import check_output, interior, pattern, save
 from tests.support.tinymodel import expected_alpha
 
@@ -319,7 +320,7 @@ def test_regression_process_never_reads_a_symlink_target(runs, config, tmp_path)
     assert os.readlink(given) == str(secret) and os.readlink(photos / "link.png") == str(secret)
 
 
-def test_regression_daemon_start_keeps_the_temps_of_a_running_process(daemons, folders):
+def test_regression_daemon_start_keeps_the_temps_of_a_running_process(inprocess, folders):
     # Finding 8: `rmbgd process` temps have no work folder, so a starting daemon took them
     # for a dead owner's and deleted them mid-publish. Its OwnerLock (held here, in-test,
     # as a running `rmbgd process --out outbox/batch` holds it) now keeps them.
@@ -329,7 +330,7 @@ def test_regression_daemon_start_keeps_the_temps_of_a_running_process(daemons, f
     with OwnerLock([batch], owner):
         live = write_temp(b"being published", batch / "sub", owner)
         crashed = write_temp(b"left by a crashed run", folders.outbox, "process-elsewhere-1")
-        daemon = daemons.start()
+        daemon = inprocess.start()
         (recovered,) = daemon.events("recovered")
         assert live.exists(), "a running process's temp survives a daemon start"
         assert not crashed.exists(), "a dead one's does not"

@@ -9,6 +9,7 @@ import time
 import yaml
 
 from tests.support.daemon import REPO
+from tests.support.inprocess import FakeSegmenter, inprocess  # noqa: F401 (a fixture)
 from tests.support.notify import NotifySocket
 from tests.support.photos import pattern, save
 
@@ -99,10 +100,10 @@ def test_status_command_reports_a_running_instance(daemons, folders):
     assert json.loads(after.stdout)["instances"][0]["state"] == "stopped"
 
 
-def test_progress_events_while_there_is_work(daemons, folders, slow_model):
-    config = daemons.config(logging={"progress_seconds": 0.3}, model={"name": str(slow_model)},
-                            batch={"size": 1, "max_wait_ms": 0})
-    daemon = daemons.start(config)
+def test_progress_events_while_there_is_work(inprocess, folders):
+    # 250 ms a model call, as the slow tiny model (conftest.slow_model) takes.
+    daemon = inprocess.start(segmenter=FakeSegmenter(call_seconds=0.25), logging={"progress_seconds": 0.3},
+                             batch={"size": 1, "max_wait_ms": 0})
     rgb = pattern(40, 40, (0, 0, 1, 1))
     for i in range(8):
         save(rgb, folders.inbox / f".p{i}.png", "PNG")
@@ -111,3 +112,5 @@ def test_progress_events_while_there_is_work(daemons, folders, slow_model):
     for key in ("processed", "failed", "queued", "in_flight", "images_per_s", "eta_s"):
         assert key in progress
     daemon.wait_count(("file_done",), 8)
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []

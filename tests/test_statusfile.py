@@ -19,6 +19,7 @@ from rmbgd.ops.statusdoc import human_duration, read_status, summary_line
 from rmbgd.ops.statusfile import StatusWriter, default_state_dir
 from rmbgd.ops.statusreport import EXIT_NOT_RUNNING, EXIT_RUNNING, EXIT_UNKNOWN, report
 from tests.support.daemon import REPO
+from tests.support.logcapture import CapturedLog
 
 
 class FakeClock:
@@ -27,14 +28,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class RecordingLog:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, dict]] = []
-
-    def warning(self, event: str, **fields) -> None:
-        self.records.append((event, fields))
 
 
 def dead_pid() -> int:
@@ -120,13 +113,13 @@ def test_record_error_from_any_thread_shows_at_next_write(tmp_path):
 
 def test_an_unwritable_folder_is_logged_once_and_never_raises(tmp_path):
     (tmp_path / "file").write_text("")
-    log = RecordingLog()
+    log = CapturedLog()
     w = StatusWriter(tmp_path / "file" / "state", log=log)
     assert w.set_state("ready") is False
     w.tick(1, 2, 3, 4)
     assert w.write() is False
     assert w.close() is False
-    assert [event for event, _ in log.records] == ["status_write_failed"]
+    assert log.names() == ["status_write_failed"]
 
 
 def test_close_leaves_a_stopped_document(tmp_path):
@@ -411,10 +404,10 @@ def test_a_failed_start_is_pruned_by_the_next_start(tmp_path):
 
 def test_a_failed_start_that_cannot_be_written_is_not_reported_again(tmp_path):
     (tmp_path / "file").write_text("")
-    log = RecordingLog()
+    log = CapturedLog()
     w = StatusWriter(tmp_path / "file" / "state", log=log)
     assert w.fail("paths.inbox: cannot create") is False
-    assert log.records == []  # the startup_failed line that follows says it all
+    assert log.entries == []  # the startup_failed line that follows says it all
 
 
 def test_judge_a_failed_start_without_a_reason(tmp_path):

@@ -14,6 +14,7 @@ from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent
 
 from rmbgd.intake.readiness import Seen
 from rmbgd.intake.watcher import SCAN_DIR, WANTED_EVENTS, Watcher, scan
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -249,7 +250,7 @@ def test_handler_translates_one_sided_moves():
     ]
 
 
-def test_regression_renamed_in_files_are_processed_without_waiting_for_settle(daemons, folders, tmp_path):
+def test_regression_renamed_in_files_are_processed_without_waiting_for_settle(inprocess, folders, tmp_path):
     # settle_seconds is far longer than the waits below: a file that had to settle could not
     # be done in time. Renames from a sibling folder and from inside the inbox are complete.
     staging = tmp_path / "staging"
@@ -257,7 +258,7 @@ def test_regression_renamed_in_files_are_processed_without_waiting_for_settle(da
     (folders.inbox / "sub").mkdir(parents=True)
     Image.new("RGB", (40, 30), (200, 50, 40)).save(staging / "outside.png")
     Image.new("RGB", (40, 30), (200, 50, 40)).save(folders.inbox / "sub" / "inside.png")
-    daemon = daemons.start(watch={"settle_seconds": 60.0, "rescan_seconds": 60.0, "writer_timeout_seconds": 60.0})
+    daemon = inprocess.start(watch={"settle_seconds": 60.0, "rescan_seconds": 60.0, "writer_timeout_seconds": 60.0})
     os.rename(staging / "outside.png", folders.inbox / "outside.png")
     os.rename(folders.inbox / "sub" / "inside.png", folders.inbox / "inside.png")
     records = daemon.wait_count(("file_done", "file_failed"), 2, timeout=30)

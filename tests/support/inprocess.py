@@ -2,8 +2,8 @@
 
 What is real: `rmbgd.runtime.daemon.Daemon` and everything it drives (config objects from
 `rmbgd.config.parse_config`, folders under the test's tmp_path, the inotify watcher, the work
-area, the pipeline and its pools, the publisher). What is fake: the segmenter (a mask computed
-from the pixels, no torch: red-ish pixels opaque, blue-ish transparent, see `FakeSegmenter`)
+area, the pipeline and its pools, the publisher). What is fake: the segmenter (the tiny model's mask
+computed from the pixels without torch, see `FakeSegmenter`)
 and the retry delays (milliseconds instead of seconds). A daemon starts in well under a
 second, so a test can run dozens, and can patch anything in-process (see faultfs.py).
 
@@ -50,6 +50,7 @@ from PIL import Image
 
 from rmbgd.config import Config, parse_config
 from rmbgd.runtime.daemon import Daemon
+from tests.support.tinymodel import GAIN, OFFSET
 
 WAIT_S = 30.0
 JOIN_S = 30.0
@@ -71,32 +72,136 @@ def fast_retry_delay(attempt: int) -> float:
     return min(0.2, 0.02 * (2 ** (attempt - 1)))
 
 
+Failure = Optional[BaseException]
+
+
 class FakeSegmenter:
-    """A segmenter the pipeline accepts (see rmbgd.model.segmenter.Segmenter): `predict` on the decoded
-    model inputs, `warmup`, `device`, `dtype`. The mask is 255 where a pixel is more red than
-    blue, at the original's size: deterministic, so outputs can be checked."""
+    """A segmenter the pipeline accepts (see rmbgd.model.segmenter.Segmenter), without torch.
+
+    The mask is the tiny model's (tests/support/tinymodel.py: alpha from the red channel, so
+    tests/support/photos.check_output holds for it), at the original's size. By default it takes the CPU path, as the real
+    segmenter does on a machine without a GPU (`splits_work`): `resize_input` and `prepare` in
+    the decode pool, `stack` in the stage thread, `predict_prepared` in the model thread,
+    `finish` in the encode pool. `splits_work=False` gives the GPU path (`predict` only).
+
+    Failures are injected per step: each `fail_*` callable returns the exception to raise, or
+    None. `fail_predict` gets the batch as the RGB colour of each image's top-left pixel (a
+    test marks an image by its colour, see `colour`), on either path; `fail_prepare` and
+    `fail_resize` that colour for one image, `fail_finish` the (width, height) of one original.
+    A RuntimeError saying "out of memory" is what the pipeline takes for the GPU running out.
+    `call_seconds` is the time each model call takes (simulated accelerator time).
+    """
 
     device = "cpu"
     dtype = "float32"
-    splits_work = False
     resizes_on_device = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, splits_work: bool = True,
+                 fail_predict: Callable[[List[tuple]], Failure] = lambda colours: None,
+                 fail_prepare: Callable[[tuple], Failure] = lambda colour: None,
+                 fail_resize: Callable[[tuple], Failure] = lambda colour: None,
+                 fail_finish: Callable[[tuple], Failure] = lambda size: None,
+                 call_seconds: float = 0.0) -> None:
+        self.splits_work = splits_work
+        self.call_seconds = call_seconds
+        self.fail_predict = fail_predict
+        self.fail_prepare = fail_prepare
+        self.fail_resize = fail_resize
+        self.fail_finish = fail_finish
         self.calls = 0
+        # The colours of each model call's images, in call order.
+        self.batches: List[List[tuple]] = []
+        # Which step ran in which thread (prefix of its name), to check the pools do their part.
+        self.threads: Dict[str, set] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def colour(pixels: np.ndarray) -> tuple:
+        return tuple(int(v) for v in pixels[0, 0, :3])
+
+    def _ran(self, step: str) -> None:
+        name = threading.current_thread().name.rstrip("0123456789_-")
+        with self._lock:
+            self.threads.setdefault(step, set()).add(name)
+
+    def _model_call(self, colours: List[tuple]) -> None:
+        with self._lock:
+            self.calls += 1
+            self.batches.append(colours)
+        error = self.fail_predict(colours)
+        if error is not None:
+            raise error
+        if self.call_seconds:
+            time.sleep(self.call_seconds)  # the accelerator's time, as the tiny model's delay_ms_per_call
+
+    def batch_sizes(self) -> List[int]:
+        with self._lock:
+            return [len(batch) for batch in self.batches]
 
     def warmup(self) -> None:
         return None
 
+    # -- the GPU path: one call ---------------------------------------------------------------
     def predict(self, images: Sequence[Any], sizes: Sequence[tuple], model_size: Any = None) -> List[np.ndarray]:
-        with self._lock:
-            self.calls += 1
-        masks = []
-        for image, (width, height) in zip(images, sizes):
-            pixels = np.asarray(image).astype(np.int16)
-            small = np.where(pixels[..., 0] > pixels[..., 2], 255, 0).astype(np.uint8)
-            masks.append(np.asarray(Image.fromarray(small).resize((width, height), Image.NEAREST)))
-        return masks
+        self._ran("predict")
+        arrays = [np.asarray(image) for image in images]
+        self._model_call([self.colour(pixels) for pixels in arrays])
+        return [self._mask(pixels, size) for pixels, size in zip(arrays, sizes)]
+
+    @staticmethod
+    def _logits(pixels: np.ndarray) -> np.ndarray:
+        """The tiny model's logit per pixel (tests/support/tinymodel.py): from the red channel."""
+        return (GAIN * (pixels[..., 0].astype(np.float32) / 255.0) + OFFSET).astype(np.float32)
+
+    @staticmethod
+    def _to_mask(logits: np.ndarray, size: tuple) -> np.ndarray:
+        width, height = (int(v) for v in size)
+        probs = (255.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        full = np.asarray(Image.fromarray(probs, mode="F").resize((width, height), Image.BILINEAR))
+        return np.clip(np.rint(full), 0, 255).astype(np.uint8)
+
+    def _mask(self, pixels: np.ndarray, size: tuple) -> np.ndarray:
+        return self._to_mask(self._logits(pixels), size)
+
+    # -- the CPU path in steps (the contracts of Segmenter's methods of the same names) ---------
+    def resize_input(self, rgb: np.ndarray, size: tuple) -> np.ndarray:
+        self._ran("resize_input")
+        error = self.fail_resize(self.colour(rgb))
+        if error is not None:
+            raise error
+        width, height = (int(v) for v in size)
+        if rgb.shape[:2] == (height, width):
+            return rgb
+        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (3, H, W) float32, as the real one normalises into a tensor."""
+        self._ran("prepare")
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
+        error = self.fail_prepare(self.colour(image))
+        if error is not None:
+            raise error
+        return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+    def stack(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        self._ran("stack")
+        return np.stack(list(prepared))
+
+    def predict_prepared(self, prepared: Any) -> List[np.ndarray]:
+        """`prepare`d inputs (or their `stack`) -> the (1, h, w) float32 logits of each."""
+        self._ran("predict_prepared")
+        pixels = prepared if isinstance(prepared, np.ndarray) else self.stack(prepared)
+        self._model_call([tuple(int(v) for v in one[:, 0, 0]) for one in pixels])
+        return [self._logits(one.transpose(1, 2, 0))[None] for one in pixels]
+
+    def finish(self, logits: np.ndarray, size: tuple) -> np.ndarray:
+        """(1, h, w) logits -> the (height, width) uint8 mask for `size` (width, height)."""
+        self._ran("finish")
+        error = self.fail_finish(tuple(size))
+        if error is not None:
+            raise error
+        return self._to_mask(logits[0], size)
 
 
 class LogCapture:
@@ -128,6 +233,16 @@ class LogCapture:
     def events(self, *names: str) -> List[dict]:
         with self._cond:
             return [r for r in self.records if r.get("event") in names]
+
+    def snapshot(self) -> List[dict]:
+        with self._cond:
+            return list(self.records)
+
+    def next_record(self, timeout: float) -> None:
+        """Block until anything new is logged, at most `timeout` seconds."""
+        with self._cond:
+            seen = len(self.records)
+            self._cond.wait_for(lambda: len(self.records) > seen, timeout)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition",
                    alive: Callable[[], bool] = lambda: True) -> None:
@@ -222,6 +337,15 @@ class InProcessDaemon:
 
     def crashes(self) -> List[dict]:
         return self.log.events(*CRASH_EVENTS)
+
+    @property
+    def records(self) -> List[dict]:
+        """Every event so far, in order (as DaemonProcess.records)."""
+        return self.log.snapshot()
+
+    def next_record(self, timeout: float) -> None:
+        """As DaemonProcess.next_record: until anything new is logged, at most `timeout` s."""
+        self.log.next_record(timeout)
 
     def wait_for(self, name: str, where: Callable[[dict], bool] = lambda r: True, timeout: float = WAIT_S) -> dict:
         return self.log.wait_for(name, where, timeout, alive=self._still_expected(name))
