@@ -23,9 +23,15 @@ SIDE = 64
 EXPORTED = ("onnxruntime", "openvino")
 
 
-def needs(package: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed (pip install 'rmbgd[{'onnx' if package == 'onnxruntime' else package}]')")
+# What each backend's extra installs: with any of it missing the export falls back to torch.
+EXTRA_PACKAGES = {"onnxruntime": ("onnx", ("onnxruntime", "onnx", "onnxscript")), "openvino": ("openvino", ("openvino",))}
+
+
+def needs(backend: str) -> None:
+    extra, packages = EXTRA_PACKAGES[backend]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (pip install 'rmbgd[{extra}]')")
 
 
 def model_cfg(tmp_path: Path, model_dir: Path, **model: object):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from rmbgd.batching.pipeline import OUT_OF_GPU_MEMORY
+from rmbgd.batching.modelstage import OUT_OF_GPU_MEMORY
 from tests.support.inprocess import FakeSegmenter, inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import save
 import numpy as np

@@ -318,9 +318,10 @@ def test_polling_mode_processes_files_by_stability(inprocess, folders):
 def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, tiny_model, tmp_path):
     from tests.support.tinymodel import build_tiny_model
 
-    # The victim claims and decodes everything, then holds it: its model takes 6 s a call, so
-    # a batch is not worth starting for 6 s (collector.CallCost: with one call size known, the
-    # whole call may be fixed cost) and then runs for 6 s more. Time enough to start a peer.
+    # The victim claims everything and holds it: its model takes 6 s a call, so nothing is
+    # published for seconds after the claims (collector.CallCost waits out the fixed cost
+    # first), and it is then frozen (SIGSTOP) so that a peer slow to start on a loaded machine
+    # still finds every file in the victim's work area when the victim is killed.
     held = build_tiny_model(tmp_path / "six-seconds-a-call", delay_ms_per_call=6000.0)
     slow = daemons.config(name="slow.yaml", model={"name": str(held)}, batch={"size": 64, "max_wait_ms": 60000},
                           logging={"level": "debug"})
@@ -330,6 +331,7 @@ def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, ti
     for name in names:
         drop_atomically(rgb, folders.inbox / name)
     victim.wait_count(("file_claimed",), len(names))
+    victim.signal(signal.SIGSTOP)
     peer = daemons.start(daemons.config(name="fast.yaml", model={"name": str(tiny_model)}))
     victim.signal(signal.SIGKILL)
     victim.wait_exit(30)

@@ -87,7 +87,7 @@ def test_regression_terminal_lines_come_from_log_records_not_reparsed_json(resto
     log.warning("file_retry", input="/in/a.png", error="No space left on device")
     log.info("file_done", input="/in/b.png")
     log.error("file_failed", input="/in/c.png", error="shown from the runner's event instead")
-    logging.getLogger("torch").warning("something %s", "odd")
+    logging.getLogger("watchdog").warning("something %s", "odd")
     text = screen.getvalue()
     assert "warning: file_retry /in/a.png: No space left on device" in text
     assert "/in/b.png" not in text and "/in/c.png" not in text
@@ -98,7 +98,7 @@ def test_log_sink_gets_the_fields_a_json_line_would_hold(restore_logging):
     records = []
     logs.configure("info", sink=records.append)
     logs.get_logger().warning("owner_lock_failed", folder="/out", note="a note")
-    logging.getLogger("torch").warning("from a library")
+    logging.getLogger("watchdog").warning("from a library")
     try:
         raise RuntimeError("boom")
     except RuntimeError:
@@ -106,5 +106,5 @@ def test_log_sink_gets_the_fields_a_json_line_would_hold(restore_logging):
     ours, foreign, crash = records
     assert ours["event"] == "owner_lock_failed" and ours["level"] == "warning" and ours["folder"] == "/out"
     assert "timestamp" in ours and not any(key.startswith("_") for key in ours)
-    assert foreign["event"] == "from a library" and foreign["logger"] == "torch" and foreign["level"] == "warning"
+    assert foreign["event"] == "from a library" and foreign["logger"] == "watchdog" and foreign["level"] == "warning"
     assert "RuntimeError: boom" in crash["exception"]
