@@ -14,6 +14,7 @@ from PIL import ExifTags, Image, ImageCms
 
 from rmbgd.imaging import decode as decode_module
 from rmbgd.imaging.decode import ImageError, decode_image
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 
 W, H = 40, 30
 SIZE = 16
@@ -186,3 +187,31 @@ def test_heic_and_avif_cut_inside_the_header_say_so(tmp_path, suffix, fmt):
 
 def test_heif_and_avif_are_supported_formats():
     assert {"HEIF", "AVIF"} <= set(decode_module._openable_formats())
+
+
+def test_phone_photos_through_the_daemon(inprocess, folders, tmp_path):
+    # Issue 15: .heic and .avif went to errors/ as unsupported. Dropped into a running daemon
+    # they come out as cut-outs, turned upright once, with the alpha the model gives.
+    from tests.support.photos import check_output
+    from tests.support.photos import pattern as boxes
+
+    daemon = inprocess.start()
+    rgb = boxes(64, 48, (0.1, 0.2, 0.6, 0.9))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    names = ["phone.heic", "phone.avif", "turned.heic", "turned.avif"]
+    for name in names:
+        extra = {"exif": exif.tobytes()} if name.startswith("turned") else {}
+        made = save(staging, name, Image.fromarray(rgb), **extra)
+        made.rename(folders.inbox / name)
+    records = daemon.wait_count(("file_done", "file_failed"), len(names))
+    assert [r for r in records if r["event"] == "file_failed"] == []
+    outputs = {Path(r["input"]).name: Path(r["output"]) for r in daemon.events("file_done")}
+    for name in names:
+        seen = decode(folders.done / name).rgb  # what the daemon decoded, checked above
+        assert seen.shape[:2] == ((64, 48) if name.startswith("turned") else (48, 64))
+        check_output(outputs[name], seen)
+    assert daemon.stop() == 0
+    assert daemon.crashes() == []
