@@ -264,7 +264,14 @@ def test_cmyk_converts_like_pillow(tmp_path, suffix):
 
 def test_ycbcr_tiff(tmp_path):
     ycbcr = Image.fromarray(pattern()).convert("YCbCr")
-    decoded = decode(save(tmp_path, "y.tiff", ycbcr))
+    path = save(tmp_path, "y.tiff", ycbcr)
+    try:
+        with Image.open(path) as written:
+            written.load()
+    except OSError as exc:
+        # Pillow before 13 writes a YCbCr TIFF it cannot read back itself: no test file to use.
+        pytest.skip(f"this Pillow cannot read its own YCbCr TIFF: {exc}")
+    decoded = decode(path)
     np.testing.assert_array_equal(decoded.rgb, np.asarray(ycbcr.convert("RGB")))
 
 
