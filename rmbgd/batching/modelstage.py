@@ -28,7 +28,10 @@ class ModelStage:
             if batch is None:
                 self._handoff.close()
                 return
-            self._handoff.put((batch, self._staged(batch)))
+            # Requests whose client went away never reach the model (replies.py).
+            batch = self._without_cancelled(batch)
+            if batch:
+                self._handoff.put((batch, self._staged(batch)))
 
     def _staged(self, batch: List[Job]) -> Any:
         """The batch's stacked model input (CPU path), or None to have the model thread make it."""

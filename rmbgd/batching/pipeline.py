@@ -45,6 +45,7 @@ from rmbgd.batching.collector import BatchQueue
 from rmbgd.batching.handoff import Handoff, yield_to_model
 from rmbgd.batching.modelstage import ModelStage
 from rmbgd.batching.parking import Parking
+from rmbgd.batching.replies import Replies
 from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.batching.job import Counters, Job, ms_since
 from rmbgd.batching.stages import Stages
@@ -57,7 +58,7 @@ class PublishError(Exception):
     (no traceback: nothing went wrong in rmbgd)."""
 
 
-class Pipeline(ModelStage, Parking):
+class Pipeline(ModelStage, Parking, Replies):
     def __init__(
         self,
         cfg: Config,
@@ -179,6 +180,11 @@ class Pipeline(ModelStage, Parking):
         try:
             task(job, *args)
         except Exception as exc:  # the pool boundary: an error here is a bug in rmbgd
+            if job.reply is not None:
+                self._log.error("task_failed", input=str(job.input), task=getattr(task, "__name__", repr(task)),
+                                error=describe(exc), exc_info=exc)
+                self._reply_crashed(job, exc)
+                return
             left_claimed = self._settle(job, None)
             self._log.error(
                 "task_failed",
@@ -196,6 +202,8 @@ class Pipeline(ModelStage, Parking):
             if job.settled:
                 return False
             job.settled = True
+        if job.reply is not None:
+            return True  # counted by whoever admitted it (replies.py)
         self._unpark(job)
         if ok is None:
             self._counters.abandoned()
@@ -217,10 +225,12 @@ class Pipeline(ModelStage, Parking):
 
     # -- stages -----------------------------------------------------------------------------
     def _decode(self, job: Job) -> None:
+        if self._dropped(job):
+            return
         start = time.monotonic()
         try:
-            image = self._stages.decode(
-                job.claim.path,
+            image = self._decode_source(
+                job,
                 input_size=None if self._dynamic or self._resize is not None else self._decode_size,
                 max_pixels=self._cfg.input.max_pixels,
             )
@@ -242,7 +252,7 @@ class Pipeline(ModelStage, Parking):
         # backlog's decode queueing alone used it up and each image went out on its own.
         job.queued_at = time.monotonic()
         # Images in one model call must share one size: the collector batches by it.
-        self.batches.put(job, ready_at=job.queued_at, key=size)
+        self.batches.put(job, ready_at=job.queued_at, key=size, urgent=job.urgent)
 
     def _model_size(self, width: int, height: int) -> Tuple[int, int]:
         """The (width, height) an image is run through the model at."""
@@ -262,7 +272,7 @@ class Pipeline(ModelStage, Parking):
 
     def _encode_and_publish(self, job: Job) -> None:
         # Read per file, not per run: a reload may have changed the output settings.
-        out = self._cfg.output_for(job.claim.rel)
+        out = job.output if job.output is not None else self._cfg.output_for(job.claim.rel)
         try:
             start = time.monotonic()
             mask = job.mask
@@ -275,6 +285,9 @@ class Pipeline(ModelStage, Parking):
             return
         except Exception as exc:  # per-file boundary
             self.fail(job, "encode", describe(exc), exc_info=True)
+            return
+        if job.reply is not None:
+            self._reply_done(job)
             return
         job.size = (job.image.width, job.image.height)
         job.release_image()
@@ -328,6 +341,9 @@ class Pipeline(ModelStage, Parking):
     # -- failures ---------------------------------------------------------------------------
     def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
         """Send `job`'s input to errors/ with this reason; never raises (see _guarded)."""
+        if job.reply is not None:
+            self._guarded(self._reply_failed, job, stage, error, exc_info)
+            return
         self._guarded(self._fail, job, stage, error, exc_info)
 
     def _fail(self, job: Job, stage: str, error: str, exc_info: bool) -> None:

@@ -33,6 +33,7 @@ from rmbgd.ops.metrics import MetricsUnavailable
 from rmbgd.ops.service import Service
 from rmbgd.output import backoff
 from rmbgd.output.publisher import Publisher
+from rmbgd.runtime.httpapi import HttpSide
 from rmbgd.runtime.inbox import InboxFeed
 from rmbgd.runtime.lifecycle import (
     EXIT_FAILURE,
@@ -85,7 +86,7 @@ def call_cost_fields(segmenter: Any) -> dict:
     return fields
 
 
-class Daemon(Lifecycle):
+class Daemon(HttpSide, Lifecycle):
     # How long a file waits before its write is retried (the in-process tests shorten it).
     retry_delay = staticmethod(backoff.retry_delay)
 
@@ -126,6 +127,7 @@ class Daemon(Lifecycle):
             self._service.starting(cfg)
         except (ConfigError, MetricsUnavailable) as exc:
             raise StartupError(str(exc)) from None
+        self._http_bind()
 
     def _load_model(self) -> Any:
         with self._service.loading_model(self.cfg.model.name):
@@ -162,6 +164,7 @@ class Daemon(Lifecycle):
             stages=image_stages(),
         )
         self._pipeline.start()
+        self._http_open(self._work.instance)
         self._recovery = Recovery(cfg.paths, self._work, self._publisher, self.log, self._start_job)
         self._recovery.at_start()
         self._feed.scan(cfg.paths.inbox)
@@ -188,6 +191,7 @@ class Daemon(Lifecycle):
 
     def _on_ready(self, segmenter: Any) -> None:
         self._service.ready(model=self.cfg.model.name, device=segmenter.device, batch_size=self.cfg.batch.size)
+        self._http_start()
 
     # -- running ----------------------------------------------------------------------------
     def _main_loop(self) -> int:
@@ -210,6 +214,9 @@ class Daemon(Lifecycle):
             if not self._pipeline.model_alive():
                 self.log.error("model_worker_died", reason="the model thread stopped")
                 return EXIT_FAILURE
+            if not self._http_alive():
+                return EXIT_FAILURE
+            self._http_tick()
             counts = self._counters.snapshot()
             self._service.tick(
                 processed=counts["processed"],
@@ -251,8 +258,8 @@ class Daemon(Lifecycle):
         # Sections bound at start-up (folders, the loaded model, pools, endpoints) keep their
         # running values until a restart; the rest takes effect now.
         fixed = {"paths": old.paths, "model": old.model, "pipeline": old.pipeline, "state": old.state,
-                 "metrics": old.metrics, "input": new.input}
-        needs_restart = sorted(k for k in ("paths", "model", "pipeline", "state", "metrics")
+                 "metrics": old.metrics, "input": new.input, "http": old.http}
+        needs_restart = sorted(k for k in ("paths", "model", "pipeline", "state", "metrics", "http")
                                if getattr(new, k) != getattr(old, k))
         if new.watch.polling != old.watch.polling:
             needs_restart.append("watch.polling")
@@ -279,7 +286,11 @@ class Daemon(Lifecycle):
         self.log.info("stopping", reason=self._stop_reason() or "failure", **self._counters.snapshot())
         self._service.stopping()
         self._watcher.stop()
-        if not self._drain(self._pipeline, DRAIN_TIMEOUT_SECONDS):
+        started = time.monotonic()
+        self._http_drain(DRAIN_TIMEOUT_SECONDS)
+        drained = self._drain(self._pipeline, DRAIN_TIMEOUT_SECONDS - (time.monotonic() - started))
+        self._http_close()
+        if not drained:
             self.log.error("drain_timeout", seconds=DRAIN_TIMEOUT_SECONDS, **self._counters.snapshot())
             self._service.stopped(self._counters.snapshot())
             return EXIT_FAILURE
