@@ -51,6 +51,13 @@ class ModelStage:
             if item is None:
                 return
             batch, staged = item
+            # A request cancelled while its batch was staged still never reaches the model.
+            kept = self._without_cancelled(batch)
+            if len(kept) < len(batch):
+                batch, staged = kept, None
+                if not batch:
+                    self.batches.model_busy(False)
+                    continue
             self._busy_since = time.monotonic()
             try:
                 self._run_batch(batch, staged)

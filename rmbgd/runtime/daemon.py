@@ -283,6 +283,7 @@ class Daemon(HttpSide, Lifecycle):
 
     # -- stopping ---------------------------------------------------------------------------
     def _shutdown(self, code: int) -> int:
+        self._http_refuse()
         self.log.info("stopping", reason=self._stop_reason() or "failure", **self._counters.snapshot())
         self._service.stopping()
         self._watcher.stop()

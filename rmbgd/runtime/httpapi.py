@@ -80,15 +80,19 @@ class HttpSide:
         # The inbox leaves alone the slots that requests hold or wait for (httpjobs.py).
         return self._http.held() if self._http is not None else 0
 
+    def _http_refuse(self) -> None:
+        """From now on new requests get 503 and /healthz says `stopping`."""
+        if self._http is not None:
+            from rmbgd.api.app import STOPPING
+
+            self._http.set_state(STOPPING)
+
     def _http_drain(self, timeout: float) -> None:
-        """503 to new requests; wait (ticking) for the admitted ones' answers, then stop serving."""
+        """Wait (ticking) for the admitted requests' answers, then stop serving."""
         if self._http is None:
             if self._http_server is not None:
                 self._http_server.stop(0)
             return
-        from rmbgd.api.app import STOPPING
-
-        self._http.set_state(STOPPING)
         deadline = time.monotonic() + timeout
         while not self._http.wait_idle(TICK_SECONDS):
             self._check_forced()
