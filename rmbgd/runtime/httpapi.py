@@ -105,3 +105,4 @@ class HttpSide:
     def _http_close(self) -> None:
         if self._http is not None:
             self._http.close()
+            self._http_tick()  # the final counts, for the status file's last write
