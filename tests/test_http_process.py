@@ -40,7 +40,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones(daemons,
                             http={"port": 0}, metrics={"port": 0})
     daemon = daemons.start(config)
     metrics_url = f"http://127.0.0.1:{daemon.events('metrics_listening')[0]['port']}/metrics"
-    url = f"http://127.0.0.1:{daemon.wait_for('http_listening')['port']}"
+    url = f"http://127.0.0.1:{daemon.events('http_listening')[0]['port']}"
     client = httpx.Client(base_url=url, timeout=60, trust_env=False)
     assert client.get("/healthz").json() == {"status": "ready"}
     box: dict = {}
@@ -71,7 +71,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones(daemons,
     assert daemon.wait_exit(60) == 0
     client.close()
     events = [r["event"] for r in daemon.records]
-    assert events.index("ready") < events.index("http_listening") < events.index("stopping") < events.index("stopped")
+    assert events.index("http_listening") < events.index("ready") < events.index("stopping") < events.index("stopped")
     statuses = sorted(r["status"] for r in daemon.events("http_request"))
     assert statuses == [200, 200, 503, 503]
     assert daemon.stderr_lines == [] and daemon.non_json == []

@@ -115,6 +115,7 @@ class Daemon(HttpSide, Lifecycle):
         try:
             return super().run()
         except StartupError as exc:
+            self._http_abort()
             self._service.failed(str(exc))
             raise
 
@@ -127,13 +128,14 @@ class Daemon(HttpSide, Lifecycle):
             self._service.starting(cfg)
         except (ConfigError, MetricsUnavailable) as exc:
             raise StartupError(str(exc)) from None
-        self._http_bind()
+        self._http_serve(self._work.instance)
 
     def _load_model(self) -> Any:
         with self._service.loading_model(self.cfg.model.name):
             return self._watched(lambda: load_model(self.cfg, self.log))
 
     def _stop_during_startup(self) -> int:
+        self._http_abort()
         self.log.info("stopping", reason=self._stop_reason(), during="startup")
         self._service.stopping()
         self.log.info("stopped", **self._counters.snapshot())
@@ -164,10 +166,11 @@ class Daemon(HttpSide, Lifecycle):
             stages=image_stages(),
         )
         self._pipeline.start()
-        self._http_open(self._work.instance)
         self._recovery = Recovery(cfg.paths, self._work, self._publisher, self.log, self._start_job)
         self._recovery.at_start()
         self._feed.scan(cfg.paths.inbox)
+        # Just before `ready` is logged: a client that saw it must not get 503 `starting`.
+        self._http_ready()
 
     def _open_work_area(self) -> None:
         try:
@@ -191,7 +194,6 @@ class Daemon(HttpSide, Lifecycle):
 
     def _on_ready(self, segmenter: Any) -> None:
         self._service.ready(model=self.cfg.model.name, device=segmenter.device, batch_size=self.cfg.batch.size)
-        self._http_start()
 
     # -- running ----------------------------------------------------------------------------
     def _main_loop(self) -> int:

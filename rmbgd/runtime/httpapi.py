@@ -26,7 +26,8 @@ class HttpSide:
     _http: Optional[HttpJobs] = None
     _http_token: Any = None
 
-    def _http_bind(self) -> None:
+    def _http_serve(self, instance: str) -> None:
+        """Take the port and answer from now on: 503 `starting` until `_http_ready`."""
         if self.cfg.http.port is None:
             return
         if self.cfg.http.token_file is not None:
@@ -39,27 +40,28 @@ class HttpSide:
                                  warning=self._http_token.warning)
         self._http_server = HttpServer(self.cfg.http, self.log)
         self._http_server.bind()
+        from rmbgd.api.app import ApiSettings, create_app
 
-    def _http_open(self, instance: str) -> None:
-        if self._http_server is None:
-            return
-        pipeline = self._pipeline
-        self._http = HttpJobs(self.cfg, pipeline.submit, lambda: self._counters.busy,
+        # The pipeline exists once ready, before the first request is admitted.
+        self._http = HttpJobs(self.cfg, lambda job: self._pipeline.submit(job), lambda: self._counters.busy,
                               lambda: self._max_in_flight, self._feed.wake, instance)
-
-    def _http_start(self) -> None:
-        if self._http_server is None:
-            return
-        from rmbgd.api.app import READY, ApiSettings, create_app
-
         http = self.cfg.http
         settings = ApiSettings(max_body_bytes=http.max_body_bytes, token=self._http_token,
                                allow_private_urls=http.allow_private_urls,
                                fetch_timeout_seconds=http.fetch_timeout_seconds,
                                on_request=self._http_answered)
-        app = create_app(self._http, settings, self.log)
-        self._http_server.start(app, on_crash=self._http_crashed)
-        self._http.set_state(READY)
+        self._http_server.start(create_app(self._http, settings, self.log), on_crash=self._http_crashed)
+
+    def _http_ready(self) -> None:
+        if self._http is not None:
+            from rmbgd.api.app import READY
+
+            self._http.set_state(READY)
+
+    def _http_abort(self) -> None:
+        """The start failed or was stopped: close the port at once."""
+        if self._http_server is not None:
+            self._http_server.stop(1.0)
 
     def _http_answered(self, status: int, seconds: float) -> None:
         self._http.stats.request(status)

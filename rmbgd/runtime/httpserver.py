@@ -1,10 +1,10 @@
 """The HTTP API's server: uvicorn in its own thread of the daemon, signals left to the daemon.
 
-The socket is bound while the daemon starts (a port in use is a `startup_failed`, before the
-model loads), and only listens once the daemon is `ready`: a client that connects earlier is
-refused rather than left hanging. uvicorn never touches signal handlers (the lifecycle owns
-SIGTERM and SIGINT); the daemon stops it with `stop`, after the requests it admitted had their
-answers (see Daemon._shutdown). FastAPI and uvicorn are imported only when the API is on.
+It starts while the daemon starts (a port in use is a `startup_failed`, before the model
+loads), answering 503 `starting` until the daemon is `ready` (the backend's state). uvicorn
+never touches signal handlers (the lifecycle owns SIGTERM and SIGINT); the daemon stops it with
+`stop`, after the requests it admitted had their answers (see runtime/httpapi.py). FastAPI
+and uvicorn are imported only when the API is on.
 """
 
 from __future__ import annotations
