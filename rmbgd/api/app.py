@@ -195,7 +195,9 @@ class _AccessLog:
         finally:
             client = scope.get("client")
             seconds = time.monotonic() - started
-            self.log.info(
+            # A load balancer's health probes would drown the log: answered ones at debug.
+            quiet = scope.get("path") == "/healthz" and status == 200
+            (self.log.debug if quiet else self.log.info)(
                 "http_request",
                 method=scope.get("method"),
                 path=scope.get("path"),

@@ -181,9 +181,7 @@ class Pipeline(ModelStage, Parking, Replies):
             task(job, *args)
         except Exception as exc:  # the pool boundary: an error here is a bug in rmbgd
             if job.reply is not None:
-                self._log.error("task_failed", input=str(job.input), task=getattr(task, "__name__", repr(task)),
-                                error=describe(exc), exc_info=exc)
-                self._reply_crashed(job, exc)
+                self._reply_crashed(job, task, exc)
                 return
             left_claimed = self._settle(job, None)
             self._log.error(

@@ -69,5 +69,8 @@ class Replies:
             self._log.error("request_failed", input=str(job.input), stage=stage, error=error, exc_info=True)
         job.reply.failed(job, stage, error)
 
-    def _reply_crashed(self, job: Job, exc: BaseException) -> None:
+    def _reply_crashed(self, job: Job, task: Any, exc: BaseException) -> None:
+        """A bug in rmbgd met while working on `job` (see Pipeline._guarded)."""
+        self._log.error("task_failed", input=str(job.input), task=getattr(task, "__name__", repr(task)),
+                        error=describe(exc), exc_info=exc)
         self._reply_failed(job, "internal", describe(exc))
