@@ -109,7 +109,7 @@ def files():
             return
 
         def do_GET(self):
-            data = served.get(self.path)
+            data = served.get(self.path.split("?", 1)[0])
             if data is None:
                 self.send_error(404)
                 return
@@ -261,6 +261,17 @@ def test_batch_publishes_each_result_and_streams_a_line_per_url(api, files, tmp_
     # Atomic publishing leaves no temp files; failures go nowhere.
     assert sorted(p.name for p in (outbox / "http" / batch).iterdir()) == ["0.png", "2.png"]
     assert list(server.daemon.cfg.paths.errors.rglob("*")) == []
+
+
+def test_a_batch_larger_than_the_pipeline_queues_instead_of_failing(api, files):
+    # Requests of /v1/remove get 503 at once when the pipeline is full (busy_wait_seconds 0);
+    # a batch's URLs wait their turn.
+    server = api(batch={"size": 1}, pipeline={"max_in_flight": 1}, http={"allow_private_urls": True, "busy_wait_seconds": 0})
+    urls = [f"{files}/a.png?{n}" for n in range(6)]
+    response = server.client.post("/v1/batch", json={"urls": urls})
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines[-1]["processed"] == 6, lines
+    assert sorted(line["output"].rsplit("/", 1)[1] for line in lines[:-1]) == [f"{n}.png" for n in range(6)]
 
 
 @pytest.mark.parametrize("document", [{"urls": []}, {"urls": "http://x/"}, {"urls": [1]}, {"url": "x"}])

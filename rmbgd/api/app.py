@@ -30,6 +30,9 @@ from rmbgd.api.auth import Token, authorized
 # Most URLs one batch request may name: each is a job in the daemon, so this bounds what one
 # request can put in flight behind the in-flight limit.
 MAX_BATCH_URLS = 1000
+# URLs of one batch downloaded and in the pipeline at once: bounds the memory a batch holds
+# (each download up to max_body_mb) and lets other requests in between.
+BATCH_PARALLEL = 16
 READY, STARTING, STOPPING = "ready", "starting", "stopping"
 
 
@@ -268,7 +271,13 @@ async def _wait_or_cancel(request: Request, future: "Future[Result]") -> Result:
 
 async def _batch_lines(backend: Backend, options: Any, listed: List[str], batch_id: str,
                        limits: urls.FetchLimits) -> AsyncIterator[bytes]:
+    gate = asyncio.Semaphore(BATCH_PARALLEL)
+
     async def one(index: int, url: str) -> dict:
+        async with gate:
+            return await fetch_and_publish(index, url)
+
+    async def fetch_and_publish(index: int, url: str) -> dict:
         line = {"index": index, "url": url}
         try:
             data = await _fetch(url, limits)

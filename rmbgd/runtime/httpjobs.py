@@ -36,6 +36,8 @@ _MEDIA_TYPES = {".png": "image/png", ".webp": "image/webp", ".jpg": "image/jpeg"
 # temporary (503), anything else went wrong in rmbgd (500).
 _STATUS = {"decode": 422, "queue": 499, "stopped": 503}
 _RETRY_AFTER = {503: 1}
+# Longest a batch's URL waits for room in the pipeline (a stop ends the wait at once).
+_BATCH_WAIT_S = 600.0
 
 
 def media_type(suffix: str) -> str:
@@ -182,16 +184,19 @@ class HttpJobs:
 
     def remove(self, data: bytes, options: Any) -> "Future[Result]":
         future: Future = Future()
-        self._admit(data, options, _Reply(self, future))
+        self._admit(data, options, _Reply(self, future), self.cfg.http.busy_wait_seconds)
         return future
 
     def publish(self, data: bytes, options: Any, batch_id: str, index: int, url: str) -> "Future[str]":
         future: Future = Future()
-        self._admit(data, options, _Published(self, future, self.cfg.paths.outbox, PurePath("http", batch_id), index))
+        reply = _Published(self, future, self.cfg.paths.outbox, PurePath("http", batch_id), index)
+        # A batch's URLs queue for room as long as it takes: the batch itself was admitted, and
+        # a client following its progress line by line expects each URL to run, not 503.
+        self._admit(data, options, reply, _BATCH_WAIT_S)
         return future
 
-    def _admit(self, data: bytes, options: Any, reply: _Reply) -> None:
-        deadline = time.monotonic() + self.cfg.http.busy_wait_seconds
+    def _admit(self, data: bytes, options: Any, reply: _Reply, wait: float) -> None:
+        deadline = time.monotonic() + wait
         with self._cond:
             self._waiting += 1
             try:
