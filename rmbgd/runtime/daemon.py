@@ -278,6 +278,8 @@ class Daemon(HttpSide, Lifecycle):
         self._pipeline.apply(applied)
         self._max_in_flight = in_flight_limit(applied)
         self.cfg = applied
+        if self._http is not None:
+            self._http.cfg = applied  # the output section requests start from
         changed = sorted(k for k in ("watch", "batch", "input", "output", "profiles", "logging") if getattr(new, k) != getattr(old, k))
         self.log.info("reloaded", changed=changed, needs_restart=needs_restart,
                       **({"note": "restart rmbgd to apply " + ", ".join(needs_restart)} if needs_restart else {}))

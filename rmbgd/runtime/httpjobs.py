@@ -20,7 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from pathlib import Path, PurePath
 from typing import Any, Callable, Dict, List, Mapping
 
-from rmbgd.api.app import READY, STARTING, STOPPING, ApiError, Result
+from rmbgd.api.app import READY, STARTING, ApiError, Result
 from rmbgd.api.options import OptionError, request_output
 from rmbgd.batching.job import Job
 from rmbgd.config import Config
@@ -45,7 +45,7 @@ def media_type(suffix: str) -> str:
 
 
 class HttpStats:
-    """Counts for `rmbgd status` and the log: requests by status, images in flight."""
+    """Counts for `rmbgd status`: requests by status, images done and failed."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
