@@ -135,6 +135,11 @@ class Pipeline(ModelStage, Parking, Replies):
         self.batches.reconfigure(size, cfg.batch.max_wait_ms / 1000.0)
 
     def submit(self, job: Job) -> None:
+        if job.urgent and job.reply is not None:
+            # An interactive request is decoded in the caller's thread (the HTTP server's
+            # worker), not queued in the decode pool behind a backlog of inbox files.
+            self._guarded(self._decode, job)
+            return
         self._run_in(self._decode_pool, self._decode, job)
 
     def stop_intake(self) -> None:
