@@ -370,6 +370,24 @@ def test_a_client_that_goes_away_before_the_model_has_its_job_dropped(api):
     assert model.batches == [[(1, 2, 3)]]
 
 
+def test_requests_that_arrive_together_share_a_model_call(api):
+    model = Gated()
+    server = api(segmenter=model, batch={"size": 4, "max_wait_ms": 0})
+    first, first_box = post_in_background(server, content=encoded(coloured((1, 1, 1))))
+    model.wait_call()
+    http = server.daemon.daemon._http
+    others = [post_in_background(server, content=encoded(coloured((2, 2, n)))) for n in range(3)]
+    server.daemon.wait_until(lambda: sum(1 for job in list(http._jobs.values()) if job.queued_at) == 4,
+                             what="three requests waiting for the model")
+    model.release()
+    for thread, box in [(first, first_box), *others]:
+        thread.join(30)
+        assert box["response"].status_code == 200
+    assert model.batches[0] == [(1, 1, 1)]
+    assert sorted(model.batches[1]) == [(2, 2, 0), (2, 2, 1), (2, 2, 2)]
+    assert [r["size"] for r in server.daemon.events("batch_done")] == [1, 3]
+
+
 def solid(colour: tuple) -> np.ndarray:
     rgb = np.empty((48, 64, 3), np.uint8)
     rgb[:] = colour
@@ -405,8 +423,10 @@ def test_a_request_goes_ahead_of_an_inbox_backlog(api, priority):
     request_ms = server.daemon.wait_for("http_request")["ms"]
     print(f"priority={priority}: the request ran in model call {at + 1} of {len(calls)}, answered in {request_ms} ms")
     if priority == "interactive":
-        # Behind the running call and the one staged beside it, ahead of every other file.
+        # Behind the running call and the one staged beside it, ahead of every other file,
+        # in one call with a file.
         assert at <= 2, calls
+        assert len(calls[at]) == 2, calls
     else:
         assert at >= len(calls) - 2, calls
 
