@@ -209,6 +209,19 @@ def test_errors_are_json_and_leave_nothing_behind(api):
     assert server.daemon.crashes() == []
 
 
+def test_a_model_failure_is_a_500_and_goes_nowhere(api):
+    failing = FakeSegmenter(fail_predict=lambda colours: RuntimeError("boom") if (9, 9, 9) in colours else None)
+    server = api(segmenter=failing)
+    response = server.client.post("/v1/remove", content=encoded(coloured((9, 9, 9))))
+    assert response.status_code == 500
+    assert error_of(response) == "inference failed: RuntimeError: boom"
+    # The daemon goes on serving, and its folders hold nothing of the request.
+    assert server.client.post("/v1/remove", content=encoded()).status_code == 200
+    assert list(server.daemon.cfg.paths.errors.rglob("*")) == []
+    assert server.daemon.events("file_failed") == []
+    assert server.daemon.crashes() == []
+
+
 def test_the_token_guards_everything_but_healthz(api, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
@@ -261,6 +274,16 @@ def test_batch_publishes_each_result_and_streams_a_line_per_url(api, files, tmp_
     # Atomic publishing leaves no temp files; failures go nowhere.
     assert sorted(p.name for p in (outbox / "http" / batch).iterdir()) == ["0.png", "2.png"]
     assert list(server.daemon.cfg.paths.errors.rglob("*")) == []
+
+
+def test_a_batch_refuses_private_urls_line_by_line(api, files):
+    server = api()
+    response = server.client.post("/v1/batch", json={"urls": [f"{files}/a.png", "ftp://example.org/x.png"]})
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines[-1] == {"event": "summary", "batch": lines[-1]["batch"], "processed": 0, "failed": 2}
+    errors = {line["index"]: line["error"] for line in lines[:-1]}
+    assert "loopback" in errors[0] and errors[1].startswith("url: ")
+    assert [p for p in server.daemon.cfg.paths.outbox.rglob("*") if p.is_file()] == []
 
 
 def test_a_batch_larger_than_the_pipeline_queues_instead_of_failing(api, files):
