@@ -515,3 +515,21 @@ def test_a_stop_finishes_admitted_requests_and_refuses_new_ones(api):
         server.client.get("/healthz")
     assert server.daemon.crashes() == []
 
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_the_api_listens_on_ipv6_loopback(inprocess):
+    daemon = inprocess.start(http={"port": 0, "address": "::1"})
+    listening = daemon.wait_for("http_listening")
+    assert listening["url"] == f"http://[::1]:{listening['port']}"
+    response = httpx.post(f"{listening['url']}/v1/remove", content=encoded(), trust_env=False, timeout=30)
+    assert (response.status_code, response.headers["content-type"]) == (200, "image/png")
