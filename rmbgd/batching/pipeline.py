@@ -26,7 +26,8 @@ Every pool task runs under `_guarded`: an exception that escapes a task is logge
 start when it was not finished yet), so no slot leaks and nothing vanishes in a pool.
 
 The model side is in rmbgd.batching.modelstage, the write retries in rmbgd.batching.parking,
-the slot between the stage and model threads in rmbgd.batching.handoff.
+the slot between the stage and model threads in rmbgd.batching.handoff, a file's publishing
+and failing in rmbgd.batching.outcomes, in-memory (HTTP) jobs in rmbgd.batching.replies.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from rmbgd.output.backoff import Scheduler
 from rmbgd.batching.collector import BatchQueue
 from rmbgd.batching.handoff import Handoff, yield_to_model
 from rmbgd.batching.modelstage import ModelStage
+from rmbgd.batching.outcomes import Outcomes
 from rmbgd.batching.parking import Parking
 from rmbgd.batching.replies import Replies
 from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
@@ -53,12 +55,7 @@ from rmbgd.errors import describe
 from rmbgd.output.publisher import Publisher
 
 
-class PublishError(Exception):
-    """A publisher's verdict that this file cannot be written: it fails with this reason
-    (no traceback: nothing went wrong in rmbgd)."""
-
-
-class Pipeline(ModelStage, Parking, Replies):
+class Pipeline(ModelStage, Parking, Replies, Outcomes):
     def __init__(
         self,
         cfg: Config,
@@ -295,80 +292,3 @@ class Pipeline(ModelStage, Parking, Replies):
         job.size = (job.image.width, job.image.height)
         job.release_image()
         self._deliver(job)
-
-    def _deliver(self, job: Job) -> None:
-        start = time.monotonic()
-        try:
-            if job.files is None:
-                # Its outputs were published before; only finishing (the original's move)
-                # remained, which the intent in the work area completes.
-                delivery = self._publisher.resume(job.claim)
-                if delivery is None:
-                    self._log.info("file_reprocessed", input=str(job.input), reason="nothing left to finish")
-                    self._run_in(self._decode_pool, self._decode, job)
-                    return
-            else:
-                delivery = self._publisher.deliver(job.claim, job.files)
-        except OSError as exc:
-            self._write_failed(job, exc)
-            return
-        except PublishError as exc:
-            self.fail(job, "write", str(exc))
-            return
-        except Exception as exc:  # per-file boundary
-            self.fail(job, "write", describe(exc), exc_info=True)
-            return
-        job.ms["write"] = ms_since(start)
-        job.ms["total"] = ms_since(job.ready_at)
-        job.files = None
-        self._settle(job, True)
-        self._log.info(
-            "file_done",
-            input=str(job.input),
-            output=str(delivery.output),
-            original=str(delivery.original) if delivery.original is not None else "deleted",
-            **({"also": [str(path) for path in delivery.extra]} if delivery.extra else {}),
-            width=job.size[0],
-            height=job.size[1],
-            batch=job.batch,
-            ms=job.ms["total"],
-            wait_ms=job.ms.get("wait"),
-            decode_ms=job.ms.get("decode"),
-            infer_ms=job.ms.get("infer"),
-            encode_ms=job.ms.get("encode"),
-            write_ms=job.ms.get("write"),
-            **({"retries": job.attempts} if job.attempts else {}),
-        )
-        self._on_finished(job)
-
-    # -- failures ---------------------------------------------------------------------------
-    def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
-        """Send `job`'s input to errors/ with this reason; never raises (see _guarded)."""
-        if job.reply is not None:
-            self._guarded(self._reply_failed, job, stage, error, exc_info)
-            return
-        self._guarded(self._fail, job, stage, error, exc_info)
-
-    def _fail(self, job: Job, stage: str, error: str, exc_info: bool) -> None:
-        job.release_image()
-        job.files = None
-        try:
-            rejection = self._publisher.reject(job.claim, stage=stage, error=error)
-        except OSError as exc:
-            # The errors folder is unusable: the input stays claimed, untouched, and its
-            # rejection is tried again later (and at the next start, at the latest), for as
-            # long as it takes: there is nowhere else it could go.
-            self._retry_later(job, "reject", exc, lambda j: self._fail(j, stage, error, exc_info))
-            return
-        self._settle(job, False)
-        job.stage, job.error = stage, error
-        self._log.error(
-            "file_failed",
-            input=str(job.input),
-            error=error,
-            stage=stage,
-            moved_to=str(rejection.moved_to),
-            **({"sidecar": str(rejection.sidecar)} if rejection.sidecar is not None else {}),
-            exc_info=exc_info,
-        )
-        self._on_finished(job)
