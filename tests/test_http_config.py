@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,3 +134,36 @@ def test_run_without_the_http_extra_fails_with_one_startup_failed_line(tmp_path)
     assert [r["event"] for r in records] == ["startup_failed"]
     assert "pip install 'rmbgd[http]'" in records[0]["error"]
     assert records[0]["error"].startswith("http.port: ")
+
+
+def test_the_daemon_runs_without_the_http_extra_when_the_api_is_off(tmp_path, tiny_model):
+    # Regression: the daemon module imported FastAPI whatever http.port said.
+    path = config_file(tmp_path, model={"name": str(tiny_model), "device": "cpu", "input_size": 64})
+    command = [sys.executable, "-m", "tests.support.hidepkgs", "fastapi,uvicorn,starlette,httpx,python_multipart,multipart",
+               "--", "-m", "rmbgd", "run", "--config", str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+                            env=subprocess_env(tmp_path / "hf"))
+    lines: "queue.Queue" = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # the process closed its stdout: it ended
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        events = []
+        while "ready" not in events and "startup_failed" not in events:
+            line = lines.get(timeout=120)
+            assert line is not None, f"the daemon ended after {events}: {proc.stderr.read()[-2000:]}"
+            events.append(json.loads(line)["event"])
+        assert events[-1] == "ready", events
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        reader.join(10)
+    assert proc.stderr.read() == ""

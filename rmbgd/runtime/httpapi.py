@@ -9,11 +9,9 @@ pipeline drains as always. Whatever is still unanswered after that gets 503.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 from rmbgd.api.auth import TokenFileError, read_token
-from rmbgd.runtime.httpjobs import HttpJobs
-from rmbgd.runtime.httpserver import HttpServer
 from rmbgd.runtime.lifecycle import TICK_SECONDS, StartupError
 
 __all__ = ["HttpSide"]
@@ -22,8 +20,10 @@ __all__ = ["HttpSide"]
 class HttpSide:
     """Daemon's hooks for the HTTP API; every one does nothing when it is off."""
 
-    _http_server: Optional[HttpServer] = None
-    _http: Optional[HttpJobs] = None
+    # HttpServer and HttpJobs (httpserver.py, httpjobs.py) once the API is on: imported only
+    # then, since they need the `http` extra (FastAPI, uvicorn), which need not be installed.
+    _http_server: Any = None
+    _http: Any = None
     _http_token: Any = None
 
     def _http_serve(self, instance: str) -> None:
@@ -38,9 +38,12 @@ class HttpSide:
             if self._http_token.warning:
                 self.log.warning("http_token_file_readable", file=str(self.cfg.http.token_file),
                                  warning=self._http_token.warning)
+        from rmbgd.runtime.httpserver import HttpServer
+
         self._http_server = HttpServer(self.cfg.http, self.log)
-        self._http_server.bind()
+        self._http_server.bind()  # says which packages are missing before anything imports them
         from rmbgd.api.app import ApiSettings, create_app
+        from rmbgd.runtime.httpjobs import HttpJobs
 
         # The pipeline exists once ready, before the first request is admitted.
         self._http = HttpJobs(self.cfg, lambda job: self._pipeline.submit(job), lambda: self._counters.busy,
