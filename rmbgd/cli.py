@@ -156,9 +156,10 @@ def _check(path: str) -> int:
         for problem in exc.problems:
             sys.stderr.write(f"{problem}\n")
         return EXIT_USAGE
+    from rmbgd.api import checks as http_checks
     from rmbgd.ops import metrics
 
-    problems = check_folders(cfg) + metrics.problems(cfg)
+    problems = check_folders(cfg) + metrics.problems(cfg) + http_checks.problems(cfg)
     for problem in problems:
         sys.stderr.write(f"{problem}\n")
     if problems:
@@ -170,7 +171,7 @@ def _check(path: str) -> int:
         text = Path(path).expanduser().read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
         text = ""  # replaced since it was loaded: the warnings are only a courtesy
-    for warning in commented_out_colours(text):
+    for warning in commented_out_colours(text) + http_checks.warnings(cfg):
         sys.stderr.write(f"warning: {warning}\n")
     sys.stdout.write(f"{path}: ok\n")
     return 0
@@ -227,11 +228,12 @@ def _run(path: str) -> int:
 
     logs.configure("info")
     log = logs.get_logger()
+    from rmbgd.api import checks as http_checks
     from rmbgd.ops import metrics
 
     try:
         cfg = load_config(path)
-        problems = check_folders(cfg) + metrics.problems(cfg)
+        problems = check_folders(cfg) + metrics.problems(cfg) + http_checks.problems(cfg)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

@@ -69,6 +69,8 @@ class Log:
         with self._lock:
             self.events.append((event, fields))
 
+    debug = info
+
 
 class Served:
     def __init__(self, backend, settings):

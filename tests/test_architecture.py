@@ -26,6 +26,7 @@ CONTRACTS = [
     "model never imports intake, output, runtime or ops",
     "output never imports render or imaging",
     "nothing but cli imports runtime",
+    "api reaches the pipeline only through the Backend the daemon hands it",
     "rmbgd.errors imports nothing of rmbgd's, so every layer may use it",
 ]
 

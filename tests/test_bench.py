@@ -116,6 +116,11 @@ REFINE_CASE = {
     "error_reduction": positive,
 }
 
+HTTP_PHASE = {
+    "requests": positive_count, "failed": count, "wall_s": positive, "images_per_s": positive,
+    "p50_ms": positive, "p99_ms": positive, "batch_histogram": histogram,
+}
+
 FIELDS = {
     "cpu_path": {"bench": text, "machine": MACHINE, "input_size": positive_count, "sizes": {"quick": CPU_PATH_SIZE}},
     "pipeline": {
@@ -142,6 +147,14 @@ FIELDS = {
         "failed": count, "events_lost": count, "wall_s": positive, "drop_s": non_negative,
         "files_per_s": positive, "batches": positive_count,
         "rss_mib": {"ready": positive, "peak": positive, "first_quarter_max": positive, "last_quarter_max": positive},
+    },
+    "http_api": {
+        "bench": text, "machine": MACHINE, "clients": positive_count, "side": positive_count,
+        "input_size": positive_count, "batch_size": positive_count, "max_wait_ms": count, "priority": text,
+        "simulated_ms_per_image": non_negative, "simulated_ms_per_call": non_negative,
+        "http_only": HTTP_PHASE,
+        "mixed": {**HTTP_PHASE, "burst_files": count, "burst_s": non_negative},
+        "rss_mib_peak": positive,
     },
     "refine": {
         "bench": text, "machine": MACHINE, "torch_threads": positive_count,
@@ -175,6 +188,11 @@ CHECKS = {
     and sum(r["batch_histogram"].values()) == r["model_calls"] >= r["fewest_calls"] == 3
     and r["full_batches"] == r["batch_histogram"].get("8", 0),
     "flood": lambda r: r["files"] == 50 and r["failed"] == 0 and r["rss_mib"]["ready"] <= r["rss_mib"]["peak"],
+    # Every request answered 200, each image in one model call (the mixed run's with the burst's).
+    "http_api": lambda r: r["http_only"]["requests"] == 6 and r["http_only"]["failed"] == 0
+    and r["mixed"]["failed"] == 0 and r["mixed"]["burst_files"] == 6
+    and sum(int(size) * calls for size, calls in r["http_only"]["batch_histogram"].items()) == 6
+    and sum(int(size) * calls for size, calls in r["mixed"]["batch_histogram"].items()) <= 12,
     "refine": lambda r: r["cases"]["quick border"]["error_reduction"] > 3
     and all(case["error_after"] < case["error_before"] for case in r["cases"].values()),
 }

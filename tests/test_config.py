@@ -286,12 +286,12 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, MINIMAL_PATHS + "pathz: {}\nfrobnicate: 1\n")
     assert problems[0].startswith(
         "pathz: unknown key (expected one of: paths, watch, batch, model, input, output, "
-        "pipeline, logging, state, metrics, profiles)"
+        "pipeline, logging, state, metrics, http, profiles)"
     )
     assert problems[0].endswith("did you mean 'paths'?")
     assert problems[1] == (
         "frobnicate: unknown key (expected one of: paths, watch, batch, model, input, output, "
-        "pipeline, logging, state, metrics, profiles)"
+        "pipeline, logging, state, metrics, http, profiles)"
     )
 
 
@@ -870,7 +870,7 @@ def test_odd_unknown_keys_are_quoted_on_their_parent(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    sections = "paths, watch, batch, model, input, output, pipeline, logging, state, metrics, profiles"
+    sections = "paths, watch, batch, model, input, output, pipeline, logging, state, metrics, http, profiles"
     assert info.value.problems == [
         f"{path}: unknown key 'key: with\\nbreak' at the top level (expected one of: {sections})",
         "batch: unknown key 'a b' (expected one of: size, max_wait_ms)",

@@ -290,6 +290,19 @@ def test_report_of_a_running_instance(tmp_path):
     assert error.endswith(" /srv/in/bad.jpg (decode): truncated")
 
 
+def test_report_shows_http_counts_only_when_the_api_is_on(tmp_path):
+    w = StatusWriter(tmp_path)
+    w.set_state("ready", model="m", device="cpu")
+    w.write()
+    assert "http:" not in report(tmp_path)[0]
+    w.set_http({"requests": 5, "in_flight": 1, "by_status": {"200": 3, "422": 1, "503": 1},
+                "images_done": 3, "images_failed": 1})
+    w.write()
+    text, _ = report(tmp_path)
+    assert "  http:       5 requests (200: 3, 422: 1, 503: 1), 3 images done, 1 failed, 1 in flight" in text.splitlines()
+    assert json.loads(report(tmp_path, as_json=True)[0])["instances"][0]["http"]["requests"] == 5
+
+
 def test_report_when_the_last_instance_died(tmp_path):
     other_doc(tmp_path, "gone", pid=dead_pid(), proc_start=None, processed=7)
     text, code = report(tmp_path)

@@ -30,6 +30,9 @@ from rmbgd.api.auth import Token, authorized
 # Most URLs one batch request may name: each is a job in the daemon, so this bounds what one
 # request can put in flight behind the in-flight limit.
 MAX_BATCH_URLS = 1000
+# URLs of one batch downloaded and in the pipeline at once: bounds the memory a batch holds
+# (each download up to max_body_mb) and lets other requests in between.
+BATCH_PARALLEL = 16
 READY, STARTING, STOPPING = "ready", "starting", "stopping"
 
 
@@ -68,12 +71,14 @@ class ApiSettings:
     token: Optional[Token] = None
     allow_private_urls: bool = False
     fetch_timeout_seconds: float = 30.0
+    # (status, seconds) of each request once answered: the daemon's metrics and counts.
+    on_request: Optional[Callable[[int, float], None]] = None
 
 
 def create_app(backend: Backend, settings: ApiSettings, log: Any) -> FastAPI:
     app = FastAPI(title="rmbgd", summary="Background removal: the same batches as the inbox")
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(_AccessLog, log=log)
+    app.add_middleware(_AccessLog, log=log, on_request=settings.on_request)
     limits = urls.FetchLimits(
         max_bytes=settings.max_body_bytes,
         timeout_seconds=settings.fetch_timeout_seconds,
@@ -114,7 +119,8 @@ def create_app(backend: Backend, settings: ApiSettings, log: Any) -> FastAPI:
     async def remove(request: Request) -> Response:
         options = backend.options(dict(request.query_params))
         data = await _image_from(request, limits)
-        future = backend.remove(data, options)
+        # In a worker thread: admission may wait a moment for room in the pipeline.
+        future = await anyio.to_thread.run_sync(backend.remove, data, options)
         result = await _wait_or_cancel(request, future)
         return Response(result.body, media_type=result.media_type)
 
@@ -169,8 +175,8 @@ class _BodyLimit:
 class _AccessLog:
     """ASGI middleware logging one `http_request` event per request, with what was sent."""
 
-    def __init__(self, app: Any, log: Any) -> None:
-        self.app, self.log = app, log
+    def __init__(self, app: Any, log: Any, on_request: Optional[Callable[[int, float], None]] = None) -> None:
+        self.app, self.log, self.on_request = app, log, on_request
 
     async def __call__(self, scope: dict, receive: Any, send: Callable[[dict], Awaitable[None]]) -> None:
         if scope["type"] != "http":
@@ -191,15 +197,20 @@ class _AccessLog:
             await self.app(scope, receive, counting)
         finally:
             client = scope.get("client")
-            self.log.info(
+            seconds = time.monotonic() - started
+            # A load balancer's health probes would drown the log: answered ones at debug.
+            quiet = scope.get("path") == "/healthz" and status == 200
+            (self.log.debug if quiet else self.log.info)(
                 "http_request",
                 method=scope.get("method"),
                 path=scope.get("path"),
                 status=status,
                 bytes=sent,
-                ms=round((time.monotonic() - started) * 1000.0, 1),
+                ms=round(seconds * 1000.0, 1),
                 client=client[0] if client else None,
             )
+            if self.on_request is not None:
+                self.on_request(status, seconds)
 
 
 async def _send_error(send: Callable[[dict], Awaitable[None]], status: int, message: str) -> None:
@@ -260,11 +271,18 @@ async def _wait_or_cancel(request: Request, future: "Future[Result]") -> Result:
 
 async def _batch_lines(backend: Backend, options: Any, listed: List[str], batch_id: str,
                        limits: urls.FetchLimits) -> AsyncIterator[bytes]:
+    gate = asyncio.Semaphore(BATCH_PARALLEL)
+
     async def one(index: int, url: str) -> dict:
+        async with gate:
+            return await fetch_and_publish(index, url)
+
+    async def fetch_and_publish(index: int, url: str) -> dict:
         line = {"index": index, "url": url}
         try:
             data = await _fetch(url, limits)
-            output = await asyncio.wrap_future(backend.publish(data, options, batch_id, index, url))
+            admitted = await anyio.to_thread.run_sync(backend.publish, data, options, batch_id, index, url)
+            output = await asyncio.wrap_future(admitted)
             return {**line, "status": "done", "output": output}
         except ApiError as exc:
             return {**line, "status": "failed", "error": exc.message}

@@ -13,7 +13,7 @@ from rmbgd.intake.workarea import Claim
 
 @dataclass
 class Job:
-    claim: Claim
+    claim: Optional[Claim]          # None for an in-memory job (an HTTP request: see `reply`)
     input: Path                     # where the user put it (inbox path), for logs and sidecars
     ready_at: float                 # monotonic time it was claimed: `total_ms` counts from here
     # Monotonic time it was decoded and handed to the collector: the batch window and
@@ -30,6 +30,13 @@ class Job:
     stage: Optional[str] = None     # set when the job failed: where,
     error: Optional[str] = None     # and why
     ms: Dict[str, float] = field(default_factory=dict)
+    # An in-memory job (HTTP): decoded from `data`, rendered with `output` (OutputConfig), and
+    # its files or failure handed to `reply` (batching.replies.Reply) instead of the outbox and
+    # errors/. `urgent` puts it ahead of waiting inbox files (collector.py).
+    data: Optional[bytes] = None
+    output: Any = None
+    reply: Any = None
+    urgent: bool = False
 
     def release_image(self) -> None:
         # Decoded pixels are the bulk of a job's memory; drop them as soon as they are written.

@@ -28,7 +28,10 @@ class ModelStage:
             if batch is None:
                 self._handoff.close()
                 return
-            self._handoff.put((batch, self._staged(batch)))
+            # Requests whose client went away never reach the model (replies.py).
+            batch = self._without_cancelled(batch)
+            if batch:
+                self._handoff.put((batch, self._staged(batch)))
 
     def _staged(self, batch: List[Job]) -> Any:
         """The batch's stacked model input (CPU path), or None to have the model thread make it."""
@@ -48,6 +51,13 @@ class ModelStage:
             if item is None:
                 return
             batch, staged = item
+            # A request cancelled while its batch was staged still never reaches the model.
+            kept = self._without_cancelled(batch)
+            if len(kept) < len(batch):
+                batch, staged = kept, None
+                if not batch:
+                    self.batches.model_busy(False)
+                    continue
             self._busy_since = time.monotonic()
             try:
                 self._run_batch(batch, staged)

@@ -26,7 +26,8 @@ Every pool task runs under `_guarded`: an exception that escapes a task is logge
 start when it was not finished yet), so no slot leaks and nothing vanishes in a pool.
 
 The model side is in rmbgd.batching.modelstage, the write retries in rmbgd.batching.parking,
-the slot between the stage and model threads in rmbgd.batching.handoff.
+the slot between the stage and model threads in rmbgd.batching.handoff, a file's publishing
+and failing in rmbgd.batching.outcomes, in-memory (HTTP) jobs in rmbgd.batching.replies.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from rmbgd.output.backoff import Scheduler
 from rmbgd.batching.collector import BatchQueue
 from rmbgd.batching.handoff import Handoff, yield_to_model
 from rmbgd.batching.modelstage import ModelStage
+from rmbgd.batching.outcomes import Outcomes
 from rmbgd.batching.parking import Parking
+from rmbgd.batching.replies import Replies
 from rmbgd.config import DYNAMIC_INPUT_SIZE, Config, effective_max_in_flight, effective_workers
 from rmbgd.batching.job import Counters, Job, ms_since
 from rmbgd.batching.stages import Stages
@@ -52,12 +55,7 @@ from rmbgd.errors import describe
 from rmbgd.output.publisher import Publisher
 
 
-class PublishError(Exception):
-    """A publisher's verdict that this file cannot be written: it fails with this reason
-    (no traceback: nothing went wrong in rmbgd)."""
-
-
-class Pipeline(ModelStage, Parking):
+class Pipeline(ModelStage, Parking, Replies, Outcomes):
     def __init__(
         self,
         cfg: Config,
@@ -134,6 +132,11 @@ class Pipeline(ModelStage, Parking):
         self.batches.reconfigure(size, cfg.batch.max_wait_ms / 1000.0)
 
     def submit(self, job: Job) -> None:
+        if job.urgent and job.reply is not None:
+            # An interactive request is decoded in the caller's thread (the HTTP server's
+            # worker), not queued in the decode pool behind a backlog of inbox files.
+            self._guarded(self._decode, job)
+            return
         self._run_in(self._decode_pool, self._decode, job)
 
     def stop_intake(self) -> None:
@@ -179,6 +182,9 @@ class Pipeline(ModelStage, Parking):
         try:
             task(job, *args)
         except Exception as exc:  # the pool boundary: an error here is a bug in rmbgd
+            if job.reply is not None:
+                self._reply_crashed(job, task, exc)
+                return
             left_claimed = self._settle(job, None)
             self._log.error(
                 "task_failed",
@@ -196,6 +202,8 @@ class Pipeline(ModelStage, Parking):
             if job.settled:
                 return False
             job.settled = True
+        if job.reply is not None:
+            return True  # counted by whoever admitted it (replies.py)
         self._unpark(job)
         if ok is None:
             self._counters.abandoned()
@@ -217,10 +225,12 @@ class Pipeline(ModelStage, Parking):
 
     # -- stages -----------------------------------------------------------------------------
     def _decode(self, job: Job) -> None:
+        if self._dropped(job):
+            return
         start = time.monotonic()
         try:
-            image = self._stages.decode(
-                job.claim.path,
+            image = self._decode_source(
+                job,
                 input_size=None if self._dynamic or self._resize is not None else self._decode_size,
                 max_pixels=self._cfg.input.max_pixels,
             )
@@ -242,7 +252,7 @@ class Pipeline(ModelStage, Parking):
         # backlog's decode queueing alone used it up and each image went out on its own.
         job.queued_at = time.monotonic()
         # Images in one model call must share one size: the collector batches by it.
-        self.batches.put(job, ready_at=job.queued_at, key=size)
+        self.batches.put(job, ready_at=job.queued_at, key=size, urgent=job.urgent)
 
     def _model_size(self, width: int, height: int) -> Tuple[int, int]:
         """The (width, height) an image is run through the model at."""
@@ -262,7 +272,7 @@ class Pipeline(ModelStage, Parking):
 
     def _encode_and_publish(self, job: Job) -> None:
         # Read per file, not per run: a reload may have changed the output settings.
-        out = self._cfg.output_for(job.claim.rel)
+        out = job.output if job.output is not None else self._cfg.output_for(job.claim.rel)
         try:
             start = time.monotonic()
             mask = job.mask
@@ -276,80 +286,9 @@ class Pipeline(ModelStage, Parking):
         except Exception as exc:  # per-file boundary
             self.fail(job, "encode", describe(exc), exc_info=True)
             return
+        if job.reply is not None:
+            self._reply_done(job)
+            return
         job.size = (job.image.width, job.image.height)
         job.release_image()
         self._deliver(job)
-
-    def _deliver(self, job: Job) -> None:
-        start = time.monotonic()
-        try:
-            if job.files is None:
-                # Its outputs were published before; only finishing (the original's move)
-                # remained, which the intent in the work area completes.
-                delivery = self._publisher.resume(job.claim)
-                if delivery is None:
-                    self._log.info("file_reprocessed", input=str(job.input), reason="nothing left to finish")
-                    self._run_in(self._decode_pool, self._decode, job)
-                    return
-            else:
-                delivery = self._publisher.deliver(job.claim, job.files)
-        except OSError as exc:
-            self._write_failed(job, exc)
-            return
-        except PublishError as exc:
-            self.fail(job, "write", str(exc))
-            return
-        except Exception as exc:  # per-file boundary
-            self.fail(job, "write", describe(exc), exc_info=True)
-            return
-        job.ms["write"] = ms_since(start)
-        job.ms["total"] = ms_since(job.ready_at)
-        job.files = None
-        self._settle(job, True)
-        self._log.info(
-            "file_done",
-            input=str(job.input),
-            output=str(delivery.output),
-            original=str(delivery.original) if delivery.original is not None else "deleted",
-            **({"also": [str(path) for path in delivery.extra]} if delivery.extra else {}),
-            width=job.size[0],
-            height=job.size[1],
-            batch=job.batch,
-            ms=job.ms["total"],
-            wait_ms=job.ms.get("wait"),
-            decode_ms=job.ms.get("decode"),
-            infer_ms=job.ms.get("infer"),
-            encode_ms=job.ms.get("encode"),
-            write_ms=job.ms.get("write"),
-            **({"retries": job.attempts} if job.attempts else {}),
-        )
-        self._on_finished(job)
-
-    # -- failures ---------------------------------------------------------------------------
-    def fail(self, job: Job, stage: str, error: str, exc_info: bool = False) -> None:
-        """Send `job`'s input to errors/ with this reason; never raises (see _guarded)."""
-        self._guarded(self._fail, job, stage, error, exc_info)
-
-    def _fail(self, job: Job, stage: str, error: str, exc_info: bool) -> None:
-        job.release_image()
-        job.files = None
-        try:
-            rejection = self._publisher.reject(job.claim, stage=stage, error=error)
-        except OSError as exc:
-            # The errors folder is unusable: the input stays claimed, untouched, and its
-            # rejection is tried again later (and at the next start, at the latest), for as
-            # long as it takes: there is nowhere else it could go.
-            self._retry_later(job, "reject", exc, lambda j: self._fail(j, stage, error, exc_info))
-            return
-        self._settle(job, False)
-        job.stage, job.error = stage, error
-        self._log.error(
-            "file_failed",
-            input=str(job.input),
-            error=error,
-            stage=stage,
-            moved_to=str(rejection.moved_to),
-            **({"sidecar": str(rejection.sidecar)} if rejection.sidecar is not None else {}),
-            exc_info=exc_info,
-        )
-        self._on_finished(job)

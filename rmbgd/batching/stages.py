@@ -9,7 +9,7 @@ hands them in: rmbgd.runtime.stages.image_stages().
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Tuple, Type
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 
 @dataclass(frozen=True)
@@ -28,3 +28,6 @@ class Stages:
     render_error: Type[Exception]
     # Whether a model error is the GPU running out of memory (split the batch, do not fail it).
     is_out_of_memory: Callable[[BaseException], bool]
+    # (data, *, input_size, max_pixels) -> a decoded image, for images held in memory (HTTP);
+    # raises `decode_error` as `decode` does.
+    decode_data: Optional[Callable[..., Any]] = None

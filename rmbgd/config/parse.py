@@ -18,7 +18,7 @@ from rmbgd.config.schema import Config, ConfigError, ConfigFile, OutputConfig, P
 __all__ = ["parse", "parse_config"]
 
 # Sections in the order their problems are listed; unknown top-level keys come first.
-_ORDER = ["paths", "watch", "batch", "model", "input", "output", "profiles", "pipeline", "logging", "state", "metrics"]
+_ORDER = ["paths", "watch", "batch", "model", "input", "output", "profiles", "pipeline", "logging", "state", "metrics", "http"]
 # The keys each mapping may have, for "unknown key" lines: a section's, a profile's.
 _KEYS = {
     "": [f.name for f in dataclasses.fields(ConfigFile)],

@@ -17,6 +17,7 @@ from pydantic.dataclasses import dataclass
 from rmbgd.config import kinds
 from rmbgd.config import output_kinds as out
 from rmbgd.config.kinds import DYNAMIC as DYNAMIC_INPUT_SIZE
+from rmbgd.config.http import HttpConfig
 from rmbgd.config.kinds import Kept, problem, yaml_rule
 from rmbgd.config.output_kinds import FORMAT_SUFFIXES, MASK_ALSO, MASK_NONE, MASK_ONLY, MASK_SUFFIX, Padding
 from rmbgd.config.problems import describe
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigFile",
     "DYNAMIC_INPUT_SIZE",
     "FORMAT_SUFFIXES",
+    "HttpConfig",
     "InputConfig",
     "LoggingConfig",
     "MASK_ALSO",
@@ -261,6 +263,7 @@ class ConfigFile:
     logging: Annotated[LoggingConfig, Section] = field(default_factory=LoggingConfig)
     state: Annotated[StateConfig, Section] = field(default_factory=StateConfig)
     metrics: Annotated[MetricsConfig, Section] = field(default_factory=MetricsConfig)
+    http: Annotated[HttpConfig, Section] = field(default_factory=HttpConfig)
     # First match wins; see profiles.py for the glob rules.
     profiles: Annotated[
         tuple[Profile, ...], _doc("Per-folder output settings; the first matching glob wins.")

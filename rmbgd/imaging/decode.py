@@ -7,6 +7,7 @@ quickly, so it never imports torch. Modes, EXIF and Pillow's quirks have their o
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import stat
@@ -22,7 +23,7 @@ from rmbgd.imaging.exif import TRANSPOSE_FOR_ORIENTATION, exif_for_output, exif_
 from rmbgd.imaging.modes import low_byte_tiles_of, rgb_icc_profile, split_colour_and_alpha, split_wide_colour
 from rmbgd.imaging.pillow import PILLOW_ERRORS, ImageError, pillow_warnings_silenced
 
-__all__ = ["SUPPORTED_FORMATS", "DecodedImage", "ImageError", "decode_image"]
+__all__ = ["SUPPORTED_FORMATS", "DecodedImage", "ImageError", "decode_bytes", "decode_image"]
 
 # Formats `decode_image` accepts, as Pillow names them in `DecodedImage.format`. "MPO" (the
 # multi-picture JPEG many cameras write) is listed because Pillow reports it, but Pillow
@@ -100,15 +101,29 @@ def decode_image(path: str | os.PathLike, *, input_size: int | None, max_pixels:
     that cannot be read (the original OSError is kept as ``__cause__``). Safe to call from
     several threads at once; warnings raised inside Pillow are silenced meanwhile.
     """
-    if input_size is not None and input_size < 1:
-        raise ValueError(f"input_size must be positive, got {input_size}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-
+    _check_arguments(input_size, max_pixels)
     with pillow_warnings_silenced():
         with _open_regular_file(path) as fp:
             with _identify(fp, max_pixels) as im:
                 return _decode_opened(im, fp, input_size)
+
+
+def decode_bytes(data: bytes, *, input_size: int | None, max_pixels: int) -> DecodedImage:
+    """`decode_image` for an image held in memory (an HTTP request's body)."""
+    _check_arguments(input_size, max_pixels)
+    if not data:
+        raise ImageError("empty image")
+    with pillow_warnings_silenced():
+        with io.BytesIO(data) as fp:
+            with _identify(fp, max_pixels) as im:
+                return _decode_opened(im, fp, input_size)
+
+
+def _check_arguments(input_size: int | None, max_pixels: int) -> None:
+    if input_size is not None and input_size < 1:
+        raise ValueError(f"input_size must be positive, got {input_size}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
 
 
 # --------------------------------------------------------------------------- decoding

@@ -24,6 +24,8 @@ FAILURE_STAGES = ("detect", "decode", "inference", "encode", "write", "retire")
 # A batch takes tens of milliseconds on a large GPU and up to minutes on a CPU.
 BATCH_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+# An HTTP request: a few milliseconds (an error) to a model call and more behind a queue.
+HTTP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class MetricsUnavailable(Exception):
@@ -57,6 +59,12 @@ class NullMetrics:
         return None
 
     def set_in_flight(self, n: int) -> None:
+        return None
+
+    def http_request(self, status: int, seconds: float) -> None:
+        return None
+
+    def set_http_in_flight(self, n: int) -> None:
         return None
 
     def set_info(self, **labels: Any) -> None:
@@ -96,6 +104,16 @@ class Metrics(NullMetrics):
         self.in_flight = prom.Gauge(
             "rmbgd_in_flight", "Files claimed and not finished yet.", registry=registry
         )
+        self.http_requests = prom.Counter(
+            "rmbgd_http_requests", "HTTP API requests answered, by status code.", ["status"], registry=registry
+        )
+        self.http_seconds = prom.Histogram(
+            "rmbgd_http_request_duration_seconds", "Time from an HTTP request's arrival to its answer.",
+            buckets=HTTP_SECONDS_BUCKETS, registry=registry,
+        )
+        self.http_in_flight = prom.Gauge(
+            "rmbgd_http_in_flight", "Images of HTTP requests admitted and not answered yet.", registry=registry
+        )
         self.info = prom.Info("rmbgd", "Version, model and device.", registry=registry)
         self.info.info({"version": __version__})
         registry.register(_GpuMemoryCollector(prom))
@@ -115,6 +133,13 @@ class Metrics(NullMetrics):
 
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n)
+
+    def http_request(self, status: int, seconds: float) -> None:
+        self.http_requests.labels(status=str(status)).inc()
+        self.http_seconds.observe(seconds)
+
+    def set_http_in_flight(self, n: int) -> None:
+        self.http_in_flight.set(n)
 
     def set_info(self, **labels: Any) -> None:
         """e.g. set_info(model=..., device=...), once the model is loaded."""

@@ -105,6 +105,13 @@ class Service:
     def batch_done(self, size: int, ms: float) -> None:
         self.metrics.batch_done(size, ms)
 
+    def http_request(self, status: int, seconds: float) -> None:
+        self.metrics.http_request(status, seconds)
+
+    def http_tick(self, in_flight: int, counts: Dict[str, Any]) -> None:
+        self.metrics.set_http_in_flight(in_flight)
+        self.status.set_http(counts)
+
     def tick(self, *, processed: int, failed: int, queued: int, in_flight: int, healthy: bool) -> None:
         """Called every main-loop iteration; cheap unless something is due."""
         if self.status.tick(processed, failed, queued, in_flight):

@@ -125,6 +125,13 @@ class StatusWriter:
         self.set(state=state, **fields)
         return self.write()
 
+    def set_http(self, counts: Mapping[str, Any]) -> None:
+        """The HTTP API's counts (requests by status, images, in flight), when it is on."""
+        with self._lock:
+            if self._doc.get("http") != counts:
+                self._doc["http"] = dict(counts)
+                self._dirty = True
+
     def record_error(self, input: Any, stage: str, error: str) -> None:
         """The latest failed file, shown by `rmbgd status` until the next one."""
         with self._lock:

@@ -84,6 +84,14 @@ def _render_one(inst: Instance, now: float) -> List[str]:
             f"  files:      {doc.get('processed', 0)} processed, {doc.get('failed', 0)} failed, "
             f"{doc.get('queued', 0)} queued, {doc.get('in_flight', 0)} in flight"
         )
+    http = doc.get("http")
+    if isinstance(http, dict):
+        statuses = ", ".join(f"{code}: {n}" for code, n in (http.get("by_status") or {}).items())
+        lines.append(
+            f"  http:       {http.get('requests', 0)} requests{f' ({statuses})' if statuses else ''}, "
+            f"{http.get('images_done', 0)} images done, {http.get('images_failed', 0)} failed, "
+            f"{http.get('in_flight', 0)} in flight"
+        )
     if inst.running and doc.get("rate") is not None:
         rate = f"  rate:       {doc['rate']:.1f} images/s"
         if doc.get("eta_seconds"):

@@ -33,6 +33,7 @@ from rmbgd.ops.metrics import MetricsUnavailable
 from rmbgd.ops.service import Service
 from rmbgd.output import backoff
 from rmbgd.output.publisher import Publisher
+from rmbgd.runtime.httpapi import HttpSide
 from rmbgd.runtime.inbox import InboxFeed
 from rmbgd.runtime.lifecycle import (
     EXIT_FAILURE,
@@ -85,7 +86,7 @@ def call_cost_fields(segmenter: Any) -> dict:
     return fields
 
 
-class Daemon(Lifecycle):
+class Daemon(HttpSide, Lifecycle):
     # How long a file waits before its write is retried (the in-process tests shorten it).
     retry_delay = staticmethod(backoff.retry_delay)
 
@@ -114,6 +115,7 @@ class Daemon(Lifecycle):
         try:
             return super().run()
         except StartupError as exc:
+            self._http_abort()
             self._service.failed(str(exc))
             raise
 
@@ -126,12 +128,14 @@ class Daemon(Lifecycle):
             self._service.starting(cfg)
         except (ConfigError, MetricsUnavailable) as exc:
             raise StartupError(str(exc)) from None
+        self._http_serve(self._work.instance)
 
     def _load_model(self) -> Any:
         with self._service.loading_model(self.cfg.model.name):
             return self._watched(lambda: load_model(self.cfg, self.log))
 
     def _stop_during_startup(self) -> int:
+        self._http_abort()
         self.log.info("stopping", reason=self._stop_reason(), during="startup")
         self._service.stopping()
         self.log.info("stopped", **self._counters.snapshot())
@@ -165,6 +169,8 @@ class Daemon(Lifecycle):
         self._recovery = Recovery(cfg.paths, self._work, self._publisher, self.log, self._start_job)
         self._recovery.at_start()
         self._feed.scan(cfg.paths.inbox)
+        # Just before `ready` is logged: a client that saw it must not get 503 `starting`.
+        self._http_ready()
 
     def _open_work_area(self) -> None:
         try:
@@ -210,6 +216,9 @@ class Daemon(Lifecycle):
             if not self._pipeline.model_alive():
                 self.log.error("model_worker_died", reason="the model thread stopped")
                 return EXIT_FAILURE
+            if not self._http_alive():
+                return EXIT_FAILURE
+            self._http_tick()
             counts = self._counters.snapshot()
             self._service.tick(
                 processed=counts["processed"],
@@ -251,8 +260,8 @@ class Daemon(Lifecycle):
         # Sections bound at start-up (folders, the loaded model, pools, endpoints) keep their
         # running values until a restart; the rest takes effect now.
         fixed = {"paths": old.paths, "model": old.model, "pipeline": old.pipeline, "state": old.state,
-                 "metrics": old.metrics, "input": new.input}
-        needs_restart = sorted(k for k in ("paths", "model", "pipeline", "state", "metrics")
+                 "metrics": old.metrics, "input": new.input, "http": old.http}
+        needs_restart = sorted(k for k in ("paths", "model", "pipeline", "state", "metrics", "http")
                                if getattr(new, k) != getattr(old, k))
         if new.watch.polling != old.watch.polling:
             needs_restart.append("watch.polling")
@@ -269,6 +278,8 @@ class Daemon(Lifecycle):
         self._pipeline.apply(applied)
         self._max_in_flight = in_flight_limit(applied)
         self.cfg = applied
+        if self._http is not None:
+            self._http.cfg = applied  # the output section requests start from
         changed = sorted(k for k in ("watch", "batch", "input", "output", "profiles", "logging") if getattr(new, k) != getattr(old, k))
         self.log.info("reloaded", changed=changed, needs_restart=needs_restart,
                       **({"note": "restart rmbgd to apply " + ", ".join(needs_restart)} if needs_restart else {}))
@@ -276,10 +287,15 @@ class Daemon(Lifecycle):
 
     # -- stopping ---------------------------------------------------------------------------
     def _shutdown(self, code: int) -> int:
+        self._http_refuse()
         self.log.info("stopping", reason=self._stop_reason() or "failure", **self._counters.snapshot())
         self._service.stopping()
         self._watcher.stop()
-        if not self._drain(self._pipeline, DRAIN_TIMEOUT_SECONDS):
+        started = time.monotonic()
+        self._http_drain(DRAIN_TIMEOUT_SECONDS)
+        drained = self._drain(self._pipeline, DRAIN_TIMEOUT_SECONDS - (time.monotonic() - started))
+        self._http_close()
+        if not drained:
             self.log.error("drain_timeout", seconds=DRAIN_TIMEOUT_SECONDS, **self._counters.snapshot())
             self._service.stopped(self._counters.snapshot())
             return EXIT_FAILURE

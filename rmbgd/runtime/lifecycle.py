@@ -111,7 +111,11 @@ class Lifecycle:
 
     def _has_room(self) -> bool:
         # Files parked for a retry do not count: they must not stall the rest (see pipeline.py).
-        return self._counters.busy < self._max_in_flight
+        return self._counters.busy + self._held_elsewhere() < self._max_in_flight
+
+    def _held_elsewhere(self) -> int:
+        """In-flight slots taken by other work than files (the daemon's HTTP requests)."""
+        return 0
 
     # -- the phases -------------------------------------------------------------------------
     def run(self) -> int:

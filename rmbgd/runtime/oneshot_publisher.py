@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, List, Optional, Sequence
 
-from rmbgd.batching.pipeline import PublishError
+from rmbgd.batching.outcomes import PublishError
 from rmbgd.intake.workarea import default_instance_name
 from rmbgd.output.files import companion_target, result_target
 from rmbgd.output.fsops import NAME_ERRNOS, move_unique, publish_bytes

@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 from rmbgd.batching.stages import Stages
-from rmbgd.imaging.decode import ImageError, decode_image
+from rmbgd.imaging.decode import ImageError, decode_bytes, decode_image
 from rmbgd.imaging.sizing import dynamic_input_size, resize_rgb
 from rmbgd.render.render import RenderError, render
 
@@ -34,4 +34,5 @@ def image_stages() -> Stages:
         render=functools.partial(render, refine=_refine),
         render_error=RenderError,
         is_out_of_memory=_is_out_of_memory,
+        decode_data=decode_bytes,
     )
