@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rmbgd.runtime import doctor
+from rmbgd.runtime.doctor import device as doctor_device, folders as doctor_folders
 from rmbgd.config import parse_config
 from tests.support.daemon import REPO, base_config, subprocess_env, write_config
 from tests.support.unprivileged import as_unprivileged, folder_for_unprivileged
@@ -150,18 +151,18 @@ def fake_torch(cuda_build, init_error=None):
 
 
 def test_cuda_facts_from_a_cpu_only_torch(monkeypatch, tmp_path):
-    monkeypatch.setattr(doctor, "_NVIDIA_DRIVER", tmp_path / "absent")
+    monkeypatch.setattr(doctor_device, "_NVIDIA_DRIVER", tmp_path / "absent")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    facts = doctor._cuda_facts(fake_torch(None, init_error="never called"))
+    facts = doctor_device._cuda_facts(fake_torch(None, init_error="never called"))
     assert facts == {"cuda_build": None, "visible_devices": None, "driver": None, "error": None}
 
 
 def test_cuda_facts_with_a_driver_that_fails(monkeypatch, tmp_path):
     driver = tmp_path / "version"
     driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.82.01  Thu Oct 28 2021\n")
-    monkeypatch.setattr(doctor, "_NVIDIA_DRIVER", driver)
+    monkeypatch.setattr(doctor_device, "_NVIDIA_DRIVER", driver)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    facts = doctor._cuda_facts(fake_torch("12.4", init_error="The NVIDIA driver on your system is\n too old"))
+    facts = doctor_device._cuda_facts(fake_torch("12.4", init_error="The NVIDIA driver on your system is\n too old"))
     assert facts == {
         "cuda_build": "12.4", "visible_devices": "0", "driver": "470.82.01",
         "error": "The NVIDIA driver on your system is too old",
@@ -211,7 +212,7 @@ def test_an_inbox_folder_on_another_filesystem_fails(tmp_path, monkeypatch):
         tmp_path,
     )
     mounted = tmp_path / "inbox" / "usb"
-    monkeypatch.setattr(doctor, "_inbox_folders", lambda inbox: iter([(inbox, 1), (inbox / "a", 1), (mounted, 2)]))
+    monkeypatch.setattr(doctor_folders, "_inbox_folders", lambda inbox: iter([(inbox, 1), (inbox / "a", 1), (mounted, 2)]))
     (result,) = doctor.check_folders(cfg)
     assert result.status == "FAIL"
     assert result.text.startswith(f"paths.inbox: {mounted} is on another filesystem than the inbox")

@@ -10,9 +10,11 @@ Glob rules, on the path relative to the inbox with `/` between folders:
 - a pattern ending in `/` matches everything below that folder (`white/` = `white/**`).
 Matching is case-sensitive, like the filesystem.
 
-Kept on purpose instead of wcmatch: its `**` costs O(n^k) for k of them (measured: 6 `**` on a
-40-folder path, 1.6 s per file; 7, 8 s), where this translation stays linear; and it takes
-`[z-a]` or `a/[]/b` silently as never-matching or literal text, not as a problem to report.
+Kept on purpose instead of wcmatch: its `**` costs O(n^k) for k of them (wcmatch 12.0.3,
+GLOBSTAR, a non-matching `**/a/**/a/...` on a 40-folder path: 6 `**` 1.3 s per file, 7 7.3 s,
+8 34 s), where this translation stays linear (2 us for any k; usual globs 0.2-0.6 us against
+wcmatch's 1-3 us); and it takes `[z-a]`, `a/[]/b`, `a/[/b`, `/x` or `a/../b` silently as
+never-matching or literal text, not as a problem to report.
 """
 
 from __future__ import annotations
