@@ -279,7 +279,7 @@ def test_symlinks_are_never_followed(inprocess, folders, tmp_path):
     assert daemon.crashes() == []
 
 
-def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, folders, slow_model):
+def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, inprocess, folders, slow_model):
     config = daemons.config(batch={"size": 2, "max_wait_ms": 50}, model={"name": str(slow_model)})
     daemon = daemons.start(config)
     inbox = folders.inbox
@@ -305,9 +305,12 @@ def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, folders, slow_
     for name in outputs:
         check_output(folders.outbox / name, rgb)
 
-    second = daemons.start(config)
+    # The next start adopts what the drained daemon left claimed; in-process, since what it
+    # finds is on disk, not in the process that left it.
+    second = inprocess.start(batch={"size": 2, "max_wait_ms": 50})
     second.wait_count(ALL_DONE, total - first_done, timeout=120)
     assert second.stop() == 0
+    assert second.crashes() == []
     assert second.events("file_failed") == [] and second.events("file_stuck") == []
     assert first_done + len(second.events("file_done")) == total, "each file processed exactly once"
     assert sorted(p.name for p in folders.outbox.glob("*.png")) == [f"p{i:02d}.png" for i in range(total)]
