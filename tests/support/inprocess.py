@@ -25,7 +25,8 @@ thread does not end:
 four folders live under the fixture's root (`inprocess.root`, tmp_path by default) and are
 created by the daemon. `instance=` names the work-area folder (each start gets a new one by
 default, so a restart adopts the previous instance's leftovers as a dead peer's);
-`segmenter=` replaces the fake model; `retry_delay=` the backoff. Log events are the
+`segmenter=` replaces the fake model; `retry_delay=` the backoff; `cfg=` is a config of its
+own (from `load_config(path)`, so that `daemon.hangup()` reloads that file as SIGHUP does). Log events are the
 structlog event dicts, captured in memory (`daemon.events(name)`, `daemon.wait_for`,
 `daemon.wait_count`, `daemon.wait_until`): every wait has a timeout and fails with the last
 events, never sleeps blindly.
@@ -331,6 +332,10 @@ class InProcessDaemon:
             raise AssertionError(f"daemon {self.instance} did not stop within {timeout}s")
         return self.exit_code
 
+    def hangup(self) -> None:
+        """Ask for a reload of the config file (`cfg.source`), as SIGHUP does."""
+        self.daemon._on_hangup(signal.SIGHUP, None)
+
     # -- events -----------------------------------------------------------------------------
     def events(self, *names: str) -> List[dict]:
         return self.log.events(*names)
@@ -385,8 +390,12 @@ class InProcessDaemons:
 
     def start(self, *, instance: Optional[str] = None, segmenter: Any = None,
               retry_delay: Callable[[int], float] = fast_retry_delay, wait_ready: bool = True,
-              **sections: Dict[str, Any]) -> InProcessDaemon:
-        cfg = self.config(**sections)
+              cfg: Optional[Config] = None, **sections: Dict[str, Any]) -> InProcessDaemon:
+        """`cfg` (e.g. `load_config(path)`, to reload from that file) instead of `sections`."""
+        if cfg is None:
+            cfg = self.config(**sections)
+        elif sections:
+            raise TypeError("either cfg or config sections, not both")
         name = instance or f"inproc-{next(self._numbers)}"
         daemon = InProcessDaemon(cfg, name, segmenter or FakeSegmenter(), retry_delay)
         self.started.append(daemon)
