@@ -33,8 +33,9 @@ def outputs_by_input(daemon) -> dict:
     return {Path(r["input"]): Path(r["output"]) for r in daemon.events("file_done")}
 
 
-def test_mix_of_images_batched_with_known_masks(daemons, folders):
-    daemon = daemons.start()
+def test_mix_of_images_batched_with_known_masks(daemons, folders, tmp_path):
+    log_path = tmp_path / "log" / "rmbgd.jsonl"
+    daemon = daemons.start(logging={"file": str(log_path)})
     inbox = folders.inbox
     sources = {}
     # Different sizes, boxes and formats in one burst: a batch mix-up or a wrong resize shows
@@ -79,6 +80,10 @@ def test_mix_of_images_batched_with_known_masks(daemons, folders):
     for record in daemon.records:
         assert {"timestamp", "level", "event"} <= set(record)
         assert record["timestamp"].endswith(("Z", "+00:00"))
+    # logging.file holds what stdout got, line for line.
+    in_file = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+    assert "ready" in in_file and in_file[-1] == "stopped"
+    assert in_file == [r["event"] for r in daemon.records]
     # Nothing of ours is left behind in the inbox or the outbox.
     assert not [p for p in folders.outbox.rglob("*") if p.name.startswith(".")]
     assert [p for p in inbox.rglob("*") if p.is_file() and ".rmbgd" not in p.parts] == []
