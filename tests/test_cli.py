@@ -119,10 +119,5 @@ def test_run_with_unreachable_hub_model_fails_with_one_clear_line(tmp_path, hub_
     assert "ready" not in [r["event"] for r in records]
 
 
-def test_run_with_missing_local_model_dir(tmp_path):
-    path = config_file(tmp_path, model={"name": str(tmp_path / "no-such-model"), "device": "cpu"})
-    result = rmbgd("run", "--config", str(path), env=subprocess_env(tmp_path / "hf"))
-    assert result.returncode == 1
-    records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert records[-1]["event"] == "startup_failed"
-    assert records[-1]["error"].startswith("model.name:")
+# `rmbgd run` with a local model folder that does not exist (exit 1, the one line):
+# test_startup_failures.py's test_regression_status_after_a_failed_start_names_the_reason.
