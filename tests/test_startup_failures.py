@@ -78,8 +78,9 @@ def rmbgd(args: list, env: dict, hide: tuple = ()) -> subprocess.CompletedProces
     )
 
 
-def startup_failure(config: Path, env: dict, hide: tuple = ()) -> str:
-    """Run the daemon, check it failed the way a user error must; return its one line."""
+def startup_failure(config: Path, env: dict, hide: tuple = (), records_seen: list | None = None) -> str:
+    """Run the daemon, check it failed the way a user error must; return its one line (and
+    put every JSON record in `records_seen`, when given)."""
     result = rmbgd(["run", "--config", str(config)], env, hide)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
@@ -91,6 +92,8 @@ def startup_failure(config: Path, env: dict, hide: tuple = ()) -> str:
     assert "ready" not in [record["event"] for record in records]
     error = failures[0]["error"]
     assert "\n" not in error
+    if records_seen is not None:
+        records_seen.extend(records)
     return error
 
 
@@ -138,15 +141,23 @@ def test_hf_hub_offline_with_an_empty_cache(tmp_path, fake_hub, fake_hub_server)
 
 
 def test_unreachable_hub_with_an_empty_cache(tmp_path, hub_nowhere):
+    # The example config's model id with the hub out of reach (HF_ENDPOINT: a loopback port
+    # that refuses), on any machine: on a connected one the real hub is never asked.
+    records: list = []
     error = startup_failure(
         write_config(tmp_path, name="ZhengPeng7/BiRefNet", revision="main"),
         hub_env(tmp_path, hub_nowhere),
+        records_seen=records,
     )
     assert error.startswith(
         "model.name: cannot download 'ZhengPeng7/BiRefNet' at revision 'main' from the Hugging Face "
         "hub (no network access?)"
     )
     assert "rmbgd fetch-model --config PATH" in error
+    assert "local" in error and "directory" in error
+    # The refusal came from the port the test chose, not from a hub elsewhere.
+    unreachable = [r for r in records if r["event"] == "model_hub_unreachable"]
+    assert len(unreachable) == 1 and "Connection refused" in unreachable[0]["error"], unreachable
 
 
 # --------------------------------------------------------------------------- model code
