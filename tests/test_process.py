@@ -595,12 +595,16 @@ def test_config_error_exit_2(runs, tmp_path):
 def test_model_that_cannot_load_exits_1_with_one_line(runs, tmp_path):
     photos = tmp_path / "photos"
     save(pattern(20, 20, (0, 0, 1, 1)), photos / "a.png")
-    result = runs.run(photos, "--out", tmp_path / "out", "--model", tmp_path / "no-model", "--device", "cpu")
+    # An --out that was there before the run stays, even empty (one the run made does not:
+    # test_first_hour.py).
+    (tmp_path / "kept").mkdir()
+    result = runs.run(photos, "--out", tmp_path / "kept", "--model", tmp_path / "no-model", "--device", "cpu")
     assert result.code == 1, result
     (failed,) = result.events("startup_failed")
     assert "no-model" in failed["error"] and "\n" not in failed["error"]
     assert not result.events("summary")
     assert (photos / "a.png").exists()
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_help():
