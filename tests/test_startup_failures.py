@@ -100,24 +100,42 @@ def startup_failure(config: Path, env: dict, hide: tuple = (), records_seen: lis
 # --------------------------------------------------------------------------- model not found
 
 
-def test_hub_model_not_found(tmp_path, fake_hub):
-    error = startup_failure(
-        write_config(tmp_path, name="rmbgd-tests/missing"), hub_env(tmp_path, fake_hub)
-    )
+@pytest.fixture
+def hub_in_process(monkeypatch, tmp_path, fake_hub):
+    """This process's huggingface_hub online, at the fake hub, with an empty cache and no
+    token, as hub_env gives a subprocess (huggingface_hub read its environment at import)."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub + "/{repo_id}/resolve/{revision}/{filename}")
+    (tmp_path / "hf-cache").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+
+
+# The hub's answers in-process (cli.main, as model_failure_in_process runs it); the hub's
+# environment read by a real process: the offline and unreachable cases below.
+def test_hub_model_not_found(tmp_path, cli_in_process, hub_in_process, capfd):
+    error = model_failure_in_process(write_config(tmp_path, name="rmbgd-tests/missing"), capfd)
     assert error.startswith("model.name: 'rmbgd-tests/missing' was not found on the Hugging Face hub")
     assert "HF_TOKEN" in error
 
 
-def test_hub_revision_not_found(tmp_path, fake_hub):
+def test_hub_revision_not_found(tmp_path, cli_in_process, hub_in_process, capfd):
     config = write_config(tmp_path, name="rmbgd-tests/tiny", revision="no-such-revision")
-    error = startup_failure(config, hub_env(tmp_path, fake_hub))
+    error = model_failure_in_process(config, capfd)
     assert error == (
         "model.revision: 'no-such-revision' does not exist in 'rmbgd-tests/tiny' on the Hugging Face hub"
     )
 
 
-def test_gated_model_without_a_token(tmp_path, fake_hub):
-    error = startup_failure(write_config(tmp_path, name="briaai/RMBG-2.0"), hub_env(tmp_path, fake_hub))
+def test_gated_model_without_a_token(tmp_path, cli_in_process, hub_in_process, capfd):
+    error = model_failure_in_process(write_config(tmp_path, name="briaai/RMBG-2.0"), capfd)
     assert error.startswith("model.name: 'briaai/RMBG-2.0' is gated on the Hugging Face hub")
     assert "licence" in error and "https://huggingface.co/briaai/RMBG-2.0" in error
     assert "HF_TOKEN" in error
@@ -181,8 +199,9 @@ def test_model_code_needing_birefnets_packages(tmp_path):
 def model_failure_in_process(config: Path, capfd) -> str:
     """`rmbgd run` in this process (the model loaded the real way, torch being imported here
     already), checked as startup_failure checks a subprocess; its one line. For failures of
-    the model's code and settings: the hub's answers depend on the environment a subprocess
-    gets (HF_ENDPOINT, HF_HUB_OFFLINE), and hidden packages need a process of their own."""
+    the model's code and settings, and the fake hub's answers (hub_in_process); what a real
+    process reads from its environment (HF_HUB_OFFLINE, HF_ENDPOINT) and hidden packages
+    need a subprocess."""
     capfd.readouterr()
     code = cli.main(["run", "--config", str(config)])
     out, err = capfd.readouterr()
