@@ -32,13 +32,15 @@ SEED = 1234
 
 def refusal(variant: str, device: str) -> str | None:
     """Why this machine cannot run `--real variant --device device`, as one line; None if it can."""
-    import torch
-
     from tests.support.tinymodel import BIREFNET_LITE_CODE
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return (f"pipeline: --device {device}, but this torch ({torch.__version__}) sees no CUDA device; "
-                "run on a GPU machine or use --device cpu")
+    if device.startswith("cuda"):
+        # Only here: torch takes seconds to import, which a refusal for the CPU need not wait for.
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"pipeline: --device {device}, but this torch ({torch.__version__}) sees no CUDA device; "
+                    "run on a GPU machine or use --device cpu")
     if not BIREFNET_LITE_CODE.is_dir():
         return (f"pipeline: --real {variant} needs the BiRefNet model code at {BIREFNET_LITE_CODE} "
                 "(set RMBGD_SHARED_MODELS to its models folder)")

@@ -63,6 +63,21 @@ pytest_runtest_call = pytest.hookimpl(wrapper=True)(_guarded)
 pytest_runtest_teardown = pytest.hookimpl(wrapper=True)(_guarded)
 
 
+# Modules whose tests start real processes (torch's import alone takes seconds each), run
+# first, whole: started last, one of them would keep a worker busy after the other is done.
+# Slowest first; every other module keeps its place after them.
+RUN_FIRST = (
+    "test_bench.py", "test_faults.py", "test_real_birefnet.py", "test_daemon.py", "test_backends.py",
+    "test_model_daemon.py", "test_startup_failures.py", "test_process.py", "test_logs.py",
+    "test_service.py", "test_doctor.py", "test_config_fuzz.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(RUN_FIRST)))
+
+
 def _remove_report(creator: int = os.getpid()) -> None:
     if os.getpid() == creator:  # not in a forked child (tests/support/unprivileged.py)
         try:

@@ -2,7 +2,8 @@
 
 Untimed on purpose: timings belong in bench/RESULTS.md, not in assertions that a busy CI
 machine would break. Each script runs in --quick mode on the session's tiny model; they
-run side by side, since most of their time is starting Python, torch and a daemon.
+run side by side, since most of their time is starting Python, torch and a daemon, and those
+that import torch themselves share one Python (tests/support/runscripts.py).
 """
 
 from __future__ import annotations
@@ -198,20 +199,24 @@ CHECKS = {
 }
 
 
+# The scripts that import torch themselves run one after another in one Python
+# (tests/support/runscripts.py): one torch import instead of three. The others only start a
+# daemon, and run beside them as `python bench/x.py`.
+IN_ONE_PYTHON = ("cpu_path", "refine", "pipeline")
+
+
 def test_bench_scripts_run(tiny_model, tmp_path):
-    runs = {}
-    for name in CHECKS:
+    def argv(name):
+        return [str(REPO / "bench" / f"{name}.py"), "--quick", "--model", str(tiny_model)]
+
+    def start(command, name):
         # Each its own Hugging Face cache: loaders copy the model's code into it.
-        env = subprocess_env(tmp_path / f"hf-{name}")
-        runs[name] = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--model", str(tiny_model)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return subprocess.Popen(command, cwd=REPO, env=subprocess_env(tmp_path / f"hf-{name}"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = {name: start([sys.executable, *argv(name)], name) for name in CHECKS if name not in IN_ONE_PYTHON}
+    runs["one python"] = start([sys.executable, "-m", "tests.support.runscripts",
+                                json.dumps([argv(name) for name in IN_ONE_PYTHON])], "one-python")
     outputs = {}
     try:
         for name, proc in runs.items():
@@ -222,8 +227,13 @@ def test_bench_scripts_run(tiny_model, tmp_path):
                 proc.kill()
                 proc.wait()
 
+    stdout, stderr = outputs.pop("one python")
+    assert runs["one python"].returncode == 0, stderr[-3000:]
+    for name, result in zip(IN_ONE_PYTHON, json.loads(stdout)):
+        assert result["code"] == 0, f"{name}: {result['stderr'][-3000:]}"
+        outputs[name] = (result["stdout"], result["stderr"])
+    assert sorted(outputs) == sorted(CHECKS)
     for name, (stdout, stderr) in outputs.items():
-        assert runs[name].returncode == 0, f"{name}: {stderr[-3000:]}"
         first, *summary = stdout.splitlines()
         result = json.loads(first)
         assert result["bench"] == name

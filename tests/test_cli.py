@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rmbgd import __version__
-from tests.support.daemon import REPO, subprocess_env
+from tests.support.daemon import REPO
 
 
 def rmbgd(*args, env=None, timeout=120):
@@ -94,35 +94,8 @@ def test_run_with_bad_config_logs_json_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_run_with_unreachable_hub_model_fails_with_one_clear_line(tmp_path, hub_nowhere):
-    # The example's model id with the hub out of reach (HF_ENDPOINT: a loopback port that
-    # refuses), on any machine: on a connected one the real hub is never asked.
-    path = config_file(tmp_path, model={"name": "ZhengPeng7/BiRefNet", "device": "cpu"})
-    env = subprocess_env(tmp_path / "hf")
-    env.pop("HF_HUB_OFFLINE")
-    env["HF_ENDPOINT"] = hub_nowhere
-    result = rmbgd("run", "--config", str(path), env=env, timeout=240)
-    assert result.returncode == 1
-    records = [json.loads(line) for line in result.stdout.splitlines()]
-    failures = [r for r in records if r["event"] == "startup_failed"]
-    assert len(failures) == 1
-    error = failures[0]["error"]
-    assert "\n" not in error
-    assert error.startswith(
-        "model.name: cannot download 'ZhengPeng7/BiRefNet' from the Hugging Face hub (no network access?)"
-    )
-    assert "local" in error and "directory" in error
-    # The refusal came from the port the test chose, not from a hub elsewhere.
-    unreachable = [r for r in records if r["event"] == "model_hub_unreachable"]
-    assert len(unreachable) == 1 and "Connection refused" in unreachable[0]["error"], unreachable
-    assert result.stderr == ""
-    assert "ready" not in [r["event"] for r in records]
-
-
-def test_run_with_missing_local_model_dir(tmp_path):
-    path = config_file(tmp_path, model={"name": str(tmp_path / "no-such-model"), "device": "cpu"})
-    result = rmbgd("run", "--config", str(path), env=subprocess_env(tmp_path / "hf"))
-    assert result.returncode == 1
-    records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert records[-1]["event"] == "startup_failed"
-    assert records[-1]["error"].startswith("model.name:")
+# `rmbgd run` with the hub out of reach (exit 1, the one line, the refusal logged):
+# test_startup_failures.py's test_unreachable_hub_with_an_empty_cache; the message without a
+# revision: test_model.py's test_hub_id_with_a_hub_that_refuses_connections.
+# `rmbgd run` with a local model folder that does not exist (exit 1, the one line):
+# test_startup_failures.py's test_regression_status_after_a_failed_start_names_the_reason.

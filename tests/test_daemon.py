@@ -33,8 +33,9 @@ def outputs_by_input(daemon) -> dict:
     return {Path(r["input"]): Path(r["output"]) for r in daemon.events("file_done")}
 
 
-def test_mix_of_images_batched_with_known_masks(daemons, folders):
-    daemon = daemons.start()
+def test_mix_of_images_batched_with_known_masks(daemons, folders, tmp_path):
+    log_path = tmp_path / "log" / "rmbgd.jsonl"
+    daemon = daemons.start(logging={"file": str(log_path)})
     inbox = folders.inbox
     sources = {}
     # Different sizes, boxes and formats in one burst: a batch mix-up or a wrong resize shows
@@ -79,6 +80,10 @@ def test_mix_of_images_batched_with_known_masks(daemons, folders):
     for record in daemon.records:
         assert {"timestamp", "level", "event"} <= set(record)
         assert record["timestamp"].endswith(("Z", "+00:00"))
+    # logging.file holds what stdout got, line for line.
+    in_file = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+    assert "ready" in in_file and in_file[-1] == "stopped"
+    assert in_file == [r["event"] for r in daemon.records]
     # Nothing of ours is left behind in the inbox or the outbox.
     assert not [p for p in folders.outbox.rglob("*") if p.name.startswith(".")]
     assert [p for p in inbox.rglob("*") if p.is_file() and ".rmbgd" not in p.parts] == []
@@ -279,7 +284,7 @@ def test_symlinks_are_never_followed(inprocess, folders, tmp_path):
     assert daemon.crashes() == []
 
 
-def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, folders, slow_model):
+def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, inprocess, folders, slow_model):
     config = daemons.config(batch={"size": 2, "max_wait_ms": 50}, model={"name": str(slow_model)})
     daemon = daemons.start(config)
     inbox = folders.inbox
@@ -305,9 +310,12 @@ def test_sigterm_drains_and_next_start_finishes_the_rest(daemons, folders, slow_
     for name in outputs:
         check_output(folders.outbox / name, rgb)
 
-    second = daemons.start(config)
+    # The next start adopts what the drained daemon left claimed; in-process, since what it
+    # finds is on disk, not in the process that left it.
+    second = inprocess.start(batch={"size": 2, "max_wait_ms": 50})
     second.wait_count(ALL_DONE, total - first_done, timeout=120)
     assert second.stop() == 0
+    assert second.crashes() == []
     assert second.events("file_failed") == [] and second.events("file_stuck") == []
     assert first_done + len(second.events("file_done")) == total, "each file processed exactly once"
     assert sorted(p.name for p in folders.outbox.glob("*.png")) == [f"p{i:02d}.png" for i in range(total)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -56,11 +57,16 @@ def test_doctor_passes_on_a_good_config(tmp_path, tiny_model, hf_home):
     assert [p.name for p in (tmp_path / "inbox").iterdir()] == ["a"]
 
 
-def test_doctor_fails_on_a_missing_model_and_an_unusable_folder(tmp_path, hf_home):
+def test_doctor_fails_on_a_missing_model_and_an_unusable_folder(tmp_path, capfd):
+    # In-process (the command's own function); the command line: the good config above.
     (tmp_path / "outbox").write_text("a file where a folder should be")
     config = write_config(tmp_path / "config.yaml", base_config(tmp_path, tmp_path / "no-such-model"))
-    result = run_doctor("--config", str(config), hf_home=hf_home)
+    out = io.StringIO()
+    capfd.readouterr()
+    code = doctor.main(str(config), out=out)
+    result = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=capfd.readouterr().err)
     assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == ""
     checks = lines_by_check(result.stdout)
     assert checks["model"] == ("FAIL", f"model.name: {tmp_path / 'no-such-model'}: the folder does not exist")
     assert checks["folders"][0] == "FAIL"

@@ -55,7 +55,7 @@ def assert_accounted_exactly_once(folders, names, rgb=None):
             check_output(folders.outbox / name, rgb)
 
 
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(daemons, folders, slow_model):
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(daemons, inprocess, folders, slow_model):
     config = daemons.config(batch={"size": 2, "max_wait_ms": 30}, model={"name": str(slow_model)})
     rgb = pattern(160, 120, (0.1, 0.2, 0.7, 0.8))
     names = [f"k{i:02d}.png" for i in range(12)]
@@ -69,7 +69,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(daemons, folders
         daemon.wait_count(("file_done",), done_before + rng.randint(1, 3), timeout=120)
         daemon.signal(signal.SIGKILL)
         daemon.wait_exit(30)
-    final = daemons.start(config)
+    # What the kills left behind is on disk: the start that finishes it can be in-process.
+    final = inprocess.start(batch={"size": 2, "max_wait_ms": 30})
     wait_until(
         lambda: len(all_files(folders.outbox)) >= len(names) and claimed_count(folders) == 0
         and not any(folders.inbox.glob("*.png")),
@@ -78,10 +79,11 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(daemons, folders
         what="all files finished after the kills",
     )
     assert final.stop() == 0
+    assert final.crashes() == []
     assert_accounted_exactly_once(folders, names, rgb)
 
 
-def test_second_signal_stops_at_once_and_nothing_is_lost(daemons, folders, tiny_model, tmp_path):
+def test_second_signal_stops_at_once_and_nothing_is_lost(daemons, inprocess, folders, tmp_path):
     from tests.support.tinymodel import build_tiny_model
 
     # Per image, so the warm-up (one image) stays short but a batch of two takes 8 s.
@@ -101,9 +103,10 @@ def test_second_signal_stops_at_once_and_nothing_is_lost(daemons, folders, tiny_
     assert code == 130, "a drain (exit 0) would have waited for the 8 s model call"
     assert daemon.events("file_done") == []
 
-    fast = daemons.start(daemons.config(name="fast.yaml", model={"name": str(tiny_model)}))
+    fast = inprocess.start()
     fast.wait_count(ALL_DONE, 2)
     assert fast.stop() == 0
+    assert fast.crashes() == []
     assert_accounted_exactly_once(folders, names, rgb)
 
 
@@ -315,7 +318,7 @@ def test_polling_mode_processes_files_by_stability(inprocess, folders):
     assert daemon.crashes() == []
 
 
-def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, tiny_model, tmp_path):
+def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, inprocess, folders, tmp_path):
     from tests.support.tinymodel import build_tiny_model
 
     # The victim claims everything and holds it: its model takes 6 s a call, so nothing is
@@ -332,11 +335,13 @@ def test_running_peer_adopts_the_files_of_a_killed_instance(daemons, folders, ti
         drop_atomically(rgb, folders.inbox / name)
     victim.wait_count(("file_claimed",), len(names))
     victim.signal(signal.SIGSTOP)
-    peer = daemons.start(daemons.config(name="fast.yaml", model={"name": str(tiny_model)}))
+    # The peer in-process: adopting is its watch on the work area, not anything of its model.
+    peer = inprocess.start(watch={"rescan_seconds": 2.0})
     victim.signal(signal.SIGKILL)
     victim.wait_exit(30)
     adopted = peer.wait_for("adopted", timeout=60)  # within one rescan period (2 s here)
     assert adopted["files"] == len(names)
     wait_until(lambda: len(all_files(folders.outbox)) >= len(names), [peer], timeout=60, what="all outputs")
     assert peer.stop() == 0
+    assert peer.crashes() == []
     assert_accounted_exactly_once(folders, names, rgb)

@@ -247,14 +247,8 @@ def test_an_unwritable_log_file_is_reported_once_and_never_raises(tmp_path):
     assert [json.loads(x)["event"] for x in lines_of(folder / "rmbgd.jsonl")] == ["four"]
 
 
-def test_the_daemon_writes_logging_file(daemons, tmp_path):
-    log_path = tmp_path / "log" / "rmbgd.jsonl"
-    daemon = daemons.start(logging={"file": str(log_path)})
-    assert daemon.stop() == 0
-    events = [json.loads(line)["event"] for line in lines_of(log_path)]
-    assert "ready" in events and events[-1] == "stopped"
-    # The file holds what stdout got, line for line.
-    assert events == [r["event"] for r in daemon.records]
+# A real daemon's logging.file (the same lines as its stdout): test_daemon.py's
+# test_mix_of_images_batched_with_known_masks, which runs one anyway.
 
 
 # --------------------------------------------------------------------------- the reader goes away

@@ -1,8 +1,10 @@
 """The real daemon on the model variants of issue 3: older remote code, fp16 checkpoints,
-dynamic input sizes, bfloat16 on a model without a bfloat16 kernel.
+dynamic input sizes, bfloat16 on a model without a bfloat16 kernel; and signals while a model
+loads.
 
-Each runs `rmbgd run` as a subprocess on the tiny model written in that style and checks
-the real outputs' alpha against the model's known mask.
+The variants run the daemon in-process with the tiny model written in that style, loaded the
+real way (`inprocess.start(load_model=True)`), and check the real outputs' alpha against the
+model's known mask; the signals need `rmbgd run` and `rmbgd process` as subprocesses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import REPO, subprocess_env
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.photos import check_output, pattern, save
 from tests.support.tinymodel import build_legacy_model, build_tiny_model
 
@@ -36,18 +39,22 @@ def drop(inbox: Path, specs) -> dict:
     return sources
 
 
-def check_all(daemon, folders, sources: dict) -> None:
+def check_all(daemon, folders, sources: dict, capfd) -> None:
     records = daemon.wait_count(ALL_DONE, len(sources))
     assert [r for r in records if r["event"] == "file_failed"] == []
     for record in daemon.events("file_done"):
         check_output(Path(record["output"]), sources[Path(record["input"])])
     assert daemon.stop() == 0
-    assert daemon.stderr_lines == [] and daemon.non_json == []
+    assert daemon.crashes() == []
+    # Loading, warming up and running the model printed nothing past the log.
+    assert capfd.readouterr() == ("", "")
 
 
-def test_legacy_fp16_model_with_dynamic_input_sizes(daemons, folders, tmp_path):
+def test_legacy_fp16_model_with_dynamic_input_sizes(inprocess, folders, tmp_path, capfd):
     model = build_legacy_model(tmp_path / "rmbg-style", "birefnet_style", stored_dtype="float16")
-    daemon = daemons.start(
+    capfd.readouterr()
+    daemon = inprocess.start(
+        load_model=True,
         model={"name": str(model), "input_size": "dynamic", "max_input_size": 256},
         batch={"size": 2, "max_wait_ms": 300},
     )
@@ -63,19 +70,20 @@ def test_legacy_fp16_model_with_dynamic_input_sizes(daemons, folders, tmp_path):
             ("c.png", 300, 200, (0.2, 0.3, 0.7, 0.8)),
         ],
     )
-    check_all(daemon, folders, sources)
+    check_all(daemon, folders, sources, capfd)
     sizes = sorted(r["size"] for r in daemon.events("batch_done"))
     assert sum(sizes) == 3
 
 
-def test_bfloat16_on_a_model_without_a_bfloat16_kernel(daemons, folders, tmp_path):
+def test_bfloat16_on_a_model_without_a_bfloat16_kernel(inprocess, folders, tmp_path, capfd):
     model = build_tiny_model(tmp_path / "deformable", deformable=True)
-    daemon = daemons.start(model={"name": str(model), "dtype": "bfloat16"})
+    capfd.readouterr()
+    daemon = inprocess.start(load_model=True, model={"name": str(model), "dtype": "bfloat16"})
     (fallback,) = daemon.events("model_precision_fallback")
     assert fallback["level"] == "warning" and "BFloat16" in fallback["error"]
     assert daemon.events("model_warm")
     sources = drop(folders.inbox, [("a.png", 120, 90, (0.1, 0.1, 0.5, 0.6))])
-    check_all(daemon, folders, sources)
+    check_all(daemon, folders, sources, capfd)
 
 
 # --------------------------------------------------------------------------- signals while the model loads (issue 11, finding 8)

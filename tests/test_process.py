@@ -1,4 +1,6 @@
-"""End-to-end: `rmbgd process` as a real subprocess, real files, the tiny model loaded like BiRefNet."""
+"""`rmbgd process`: end to end as a real subprocess, real files, the tiny model loaded like
+BiRefNet (the command line, its JSON log, the terminal, signals, the model options); what a
+run does with the files, in-process with the fake model (tests/support/oneshot.py, faster)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from rmbgd.runtime.oneshot import default_owner
 from tests.support.daemon import REPO, subprocess_env, write_config
 from tests.support.hostile import OpenWatch
 from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
+from tests.support.oneshot import process_inprocess
 from tests.support.photos import check_output, interior, pattern, save
 from tests.support.tinymodel import expected_alpha
 
@@ -93,6 +96,12 @@ def config(tmp_path, tiny_model) -> Path:
     return write_config(tmp_path / "process.yaml", settings(tiny_model))
 
 
+@pytest.fixture
+def fake_config(tmp_path) -> Path:
+    """The same settings for an in-process run, whose model is the fake one."""
+    return write_config(tmp_path / "process.yaml", settings("fake-segmenter"))
+
+
 def settings(model: Path, **sections) -> dict:
     data = {
         "batch": {"size": 4, "max_wait_ms": 50},
@@ -114,7 +123,7 @@ def snapshot(root: Path) -> dict:
 # --------------------------------------------------------------------------- results
 
 
-def test_folders_and_files_mirrored_with_known_masks(runs, config, tmp_path):
+def test_folders_and_files_mirrored_with_known_masks(fake_config, tmp_path):
     photos = tmp_path / "photos"
     sources = {
         "a.png": save(pattern(120, 90, (0.1, 0.1, 0.5, 0.6)), photos / "a.png"),
@@ -130,7 +139,7 @@ def test_folders_and_files_mirrored_with_known_masks(runs, config, tmp_path):
     before = snapshot(photos)
     out = tmp_path / "out"
 
-    result = runs.run(photos, single, "--out", out, "--config", config)
+    result = process_inprocess(photos, single, out=out, config=fake_config)
 
     assert result.code == 0, result
     assert tree(out) == {"a.png", "sub/b.png", "sub/deeper/c.png", "single.png"}
@@ -172,7 +181,7 @@ def test_json_log_when_not_a_terminal(runs, config, tmp_path):
     assert noisy == [], "a clean run logs no warnings or errors"
 
 
-def test_broken_file_fails_alone_and_stays_in_place(runs, config, tmp_path):
+def test_broken_file_fails_alone_and_stays_in_place(fake_config, tmp_path):
     photos = tmp_path / "photos"
     good = {name: pattern(60, 40, box) for name, box in (("g1.png", (0.1, 0.1, 0.6, 0.9)), ("g2.png", (0.5, 0, 1, 1)))}
     for name, rgb in good.items():
@@ -183,7 +192,7 @@ def test_broken_file_fails_alone_and_stays_in_place(runs, config, tmp_path):
     data = broken.read_bytes()
     out = tmp_path / "out"
 
-    result = runs.run(photos, "--out", out, "--config", config)
+    result = process_inprocess(photos, out=out, config=fake_config)
 
     assert result.code == 1, result
     (failed,) = result.events("file_failed")
@@ -197,7 +206,7 @@ def test_broken_file_fails_alone_and_stays_in_place(runs, config, tmp_path):
     assert (summary["processed"], summary["failed"], summary["total"]) == (2, 1, 3)
 
 
-def test_done_moves_originals_after_success(runs, config, tmp_path):
+def test_done_moves_originals_after_success(fake_config, tmp_path):
     photos = tmp_path / "photos"
     rgb = pattern(50, 70, (0.2, 0.2, 0.8, 0.8))
     save(rgb, photos / "a" / "one.png")
@@ -205,7 +214,7 @@ def test_done_moves_originals_after_success(runs, config, tmp_path):
     (photos / "bad.png").write_bytes(b"not an image")
     out, done = tmp_path / "out", tmp_path / "done"
 
-    result = runs.run(photos, "--out", out, "--done", done, "--config", config)
+    result = process_inprocess(photos, out=out, done=done, config=fake_config)
 
     assert result.code == 1, result
     assert tree(done) == {"a/one.png", "two.png"}
@@ -217,7 +226,7 @@ def test_done_moves_originals_after_success(runs, config, tmp_path):
     assert result.summary["done"] == str(done)
 
 
-def test_profiles_and_output_format_apply_per_subfolder(runs, tiny_model, tmp_path):
+def test_profiles_and_output_format_apply_per_subfolder(tmp_path):
     photos = tmp_path / "photos"
     rgb = pattern(80, 60, (0.25, 0.2, 0.75, 0.8))
     save(rgb, photos / "shop" / "x.png")
@@ -226,14 +235,14 @@ def test_profiles_and_output_format_apply_per_subfolder(runs, tiny_model, tmp_pa
     cfg = write_config(
         tmp_path / "formats.yaml",
         settings(
-            tiny_model,
+            "fake-segmenter",
             output={"format": "webp"},
             profiles=[{"match": "plain/", "output": {"format": "png", "mask": True}}],
         ),
     )
     out = tmp_path / "out"
 
-    result = runs.run(photos, "--out", out, "--config", cfg)
+    result = process_inprocess(photos, out=out, config=cfg)
 
     assert result.code == 0, result
     assert tree(out) == {"shop/x.webp", "plain/y.png", "plain/y.mask.png", "plain/y-1.png", "plain/y-1.mask.png"}
@@ -252,11 +261,11 @@ def test_profiles_and_output_format_apply_per_subfolder(runs, tiny_model, tmp_pa
     assert also["y.png"] == ["y.mask.png"] and also["y-1.png"] == ["y-1.mask.png"] and also["x.webp"] == []
 
 
-def test_daemon_config_folders_are_ignored_and_write_failures_end(runs, tiny_model, tmp_path):
+def test_daemon_config_folders_are_ignored_and_write_failures_end(tmp_path):
     """A daemon's config works as is (its folders untouched); a result that cannot be written
     fails after a few tries instead of being retried forever."""
     daemon_paths = {key: str(tmp_path / key) for key in ("inbox", "outbox", "errors", "done")}
-    cfg = write_config(tmp_path / "daemon.yaml", settings(tiny_model, paths=daemon_paths))
+    cfg = write_config(tmp_path / "daemon.yaml", settings("fake-segmenter", paths=daemon_paths))
     photos = tmp_path / "photos"
     rgb = pattern(40, 40, (0, 0, 0.5, 1))
     save(rgb, photos / "ok.png")
@@ -265,7 +274,7 @@ def test_daemon_config_folders_are_ignored_and_write_failures_end(runs, tiny_mod
     out.mkdir()
     (out / "blocked").write_text("a file where the output folder should be")
 
-    result = runs.run(photos, "--out", out, "--config", cfg)
+    result = process_inprocess(photos, out=out, config=cfg)
 
     assert result.code == 1, result
     check_output(out / "ok.png", rgb)
@@ -290,7 +299,7 @@ def test_model_and_device_options_without_config(runs, tiny_model, tmp_path):
 
 
 
-def test_regression_process_never_reads_a_symlink_target(runs, config, tmp_path):
+def test_regression_process_never_reads_a_symlink_target(fake_config, tmp_path):
     # Finding 3: a link given on the command line or found in a folder was decoded through.
     secret_dir = tmp_path / "secret"
     secret = save(pattern(37, 29, (0.0, 0.0, 1.0, 1.0)), secret_dir / "secret.png")
@@ -304,7 +313,7 @@ def test_regression_process_never_reads_a_symlink_target(runs, config, tmp_path)
     out = tmp_path / "out"
     watch = OpenWatch([secret_dir])
     try:
-        result = runs.run(photos, given, "--out", out, "--config", config)
+        result = process_inprocess(photos, given, out=out, config=fake_config)
         opened = watch.events()
     finally:
         watch.close()
@@ -586,12 +595,16 @@ def test_config_error_exit_2(runs, tmp_path):
 def test_model_that_cannot_load_exits_1_with_one_line(runs, tmp_path):
     photos = tmp_path / "photos"
     save(pattern(20, 20, (0, 0, 1, 1)), photos / "a.png")
-    result = runs.run(photos, "--out", tmp_path / "out", "--model", tmp_path / "no-model", "--device", "cpu")
+    # An --out that was there before the run stays, even empty (one the run made does not:
+    # test_first_hour.py).
+    (tmp_path / "kept").mkdir()
+    result = runs.run(photos, "--out", tmp_path / "kept", "--model", tmp_path / "no-model", "--device", "cpu")
     assert result.code == 1, result
     (failed,) = result.events("startup_failed")
     assert "no-model" in failed["error"] and "\n" not in failed["error"]
     assert not result.events("summary")
     assert (photos / "a.png").exists()
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_help():

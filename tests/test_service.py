@@ -1,6 +1,7 @@
 """The daemon as systemd sees it: the notify sequence, watchdog, reload, status, progress."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import yaml
 
-from tests.support.daemon import REPO
+from tests.support.daemon import REPO, base_config, write_config
 from tests.support.inprocess import FakeSegmenter, inprocess  # noqa: F401 (a fixture)
 from tests.support.notify import NotifySocket
 from tests.support.photos import pattern, save
@@ -66,9 +67,10 @@ def test_notify_sequence_watchdog_reload_and_stop(daemons, folders, tmp_path):
         assert daemon.wait_exit(60) == 0
 
 
-def test_status_command_reports_a_running_instance(daemons, folders):
-    config = daemons.config()
-    daemon = daemons.start(config)
+def test_status_command_reports_a_running_instance(inprocess, folders, tmp_path):
+    # The daemon in-process (the instance is this process), `rmbgd status` a real command.
+    config = write_config(tmp_path / "config.yaml", base_config(tmp_path, "fake-segmenter"))
+    daemon = inprocess.start()
     save(pattern(60, 60, (0, 0, 1, 1)), folders.inbox / "x.png", "PNG")
     daemon.wait_for("file_done")
 
@@ -88,13 +90,14 @@ def test_status_command_reports_a_running_instance(daemons, folders):
     wait_until(shows_processed, [daemon], timeout=30, what="rmbgd status shows the processed file")
     doc = json.loads(status().stdout)
     (inst,) = [i for i in doc["instances"] if i["running"]]
-    assert inst["state"] == "ready" and inst["pid"] == daemon.proc.pid
+    assert inst["state"] == "ready" and inst["pid"] == os.getpid()
     assert inst["device"] == "cpu"
     human = subprocess.run([sys.executable, "-m", "rmbgd", "status", "--config", str(config)],
                            capture_output=True, text=True, cwd=str(REPO), timeout=60)
     assert human.returncode == 0 and "ready" in human.stdout
 
     assert daemon.stop() == 0
+    assert daemon.crashes() == []
     after = status()
     assert after.returncode == 3, "no instance running after the stop"
     assert json.loads(after.stdout)["instances"][0]["state"] == "stopped"

@@ -1,7 +1,8 @@
 """Every way a model can fail to load ends `rmbgd run` with one clear line and exit code 1.
 
-Each case runs the real command (`python -m rmbgd run`) in a subprocess, with HF_HOME in a
-temporary folder. Answers from the Hugging Face hub (a missing or gated model, a wrong
+Most cases run the real command (`python -m rmbgd run`) in a subprocess, with HF_HOME in a
+temporary folder; failures of the model's own code and settings run `rmbgd.cli.main` in-process
+with the same checks. Answers from the Hugging Face hub (a missing or gated model, a wrong
 revision) come from a small local HTTP server standing in for it (HF_ENDPOINT), so these
 tests need no network and always see the same answers.
 """
@@ -77,8 +78,9 @@ def rmbgd(args: list, env: dict, hide: tuple = ()) -> subprocess.CompletedProces
     )
 
 
-def startup_failure(config: Path, env: dict, hide: tuple = ()) -> str:
-    """Run the daemon, check it failed the way a user error must; return its one line."""
+def startup_failure(config: Path, env: dict, hide: tuple = (), records_seen: list | None = None) -> str:
+    """Run the daemon, check it failed the way a user error must; return its one line (and
+    put every JSON record in `records_seen`, when given)."""
     result = rmbgd(["run", "--config", str(config)], env, hide)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
@@ -90,38 +92,50 @@ def startup_failure(config: Path, env: dict, hide: tuple = ()) -> str:
     assert "ready" not in [record["event"] for record in records]
     error = failures[0]["error"]
     assert "\n" not in error
+    if records_seen is not None:
+        records_seen.extend(records)
     return error
 
 
 # --------------------------------------------------------------------------- model not found
 
 
-def test_local_model_directory_missing(tmp_path):
-    missing = tmp_path / "models" / "BiRefNet"
-    error = startup_failure(write_config(tmp_path, name=str(missing)), hub_env(tmp_path, offline=True))
-    assert error == (
-        f"model.name: {missing} is not a model directory (no config.json): the path does not exist"
-    )
+@pytest.fixture
+def hub_in_process(monkeypatch, tmp_path, fake_hub):
+    """This process's huggingface_hub online, at the fake hub, with an empty cache and no
+    token, as hub_env gives a subprocess (huggingface_hub read its environment at import)."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub + "/{repo_id}/resolve/{revision}/{filename}")
+    (tmp_path / "hf-cache").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
 
 
-def test_hub_model_not_found(tmp_path, fake_hub):
-    error = startup_failure(
-        write_config(tmp_path, name="rmbgd-tests/missing"), hub_env(tmp_path, fake_hub)
-    )
+# The hub's answers in-process (cli.main, as model_failure_in_process runs it); the hub's
+# environment read by a real process: the offline and unreachable cases below.
+def test_hub_model_not_found(tmp_path, cli_in_process, hub_in_process, capfd):
+    error = model_failure_in_process(write_config(tmp_path, name="rmbgd-tests/missing"), capfd)
     assert error.startswith("model.name: 'rmbgd-tests/missing' was not found on the Hugging Face hub")
     assert "HF_TOKEN" in error
 
 
-def test_hub_revision_not_found(tmp_path, fake_hub):
+def test_hub_revision_not_found(tmp_path, cli_in_process, hub_in_process, capfd):
     config = write_config(tmp_path, name="rmbgd-tests/tiny", revision="no-such-revision")
-    error = startup_failure(config, hub_env(tmp_path, fake_hub))
+    error = model_failure_in_process(config, capfd)
     assert error == (
         "model.revision: 'no-such-revision' does not exist in 'rmbgd-tests/tiny' on the Hugging Face hub"
     )
 
 
-def test_gated_model_without_a_token(tmp_path, fake_hub):
-    error = startup_failure(write_config(tmp_path, name="briaai/RMBG-2.0"), hub_env(tmp_path, fake_hub))
+def test_gated_model_without_a_token(tmp_path, cli_in_process, hub_in_process, capfd):
+    error = model_failure_in_process(write_config(tmp_path, name="briaai/RMBG-2.0"), capfd)
     assert error.startswith("model.name: 'briaai/RMBG-2.0' is gated on the Hugging Face hub")
     assert "licence" in error and "https://huggingface.co/briaai/RMBG-2.0" in error
     assert "HF_TOKEN" in error
@@ -145,15 +159,23 @@ def test_hf_hub_offline_with_an_empty_cache(tmp_path, fake_hub, fake_hub_server)
 
 
 def test_unreachable_hub_with_an_empty_cache(tmp_path, hub_nowhere):
+    # The example config's model id with the hub out of reach (HF_ENDPOINT: a loopback port
+    # that refuses), on any machine: on a connected one the real hub is never asked.
+    records: list = []
     error = startup_failure(
         write_config(tmp_path, name="ZhengPeng7/BiRefNet", revision="main"),
         hub_env(tmp_path, hub_nowhere),
+        records_seen=records,
     )
     assert error.startswith(
         "model.name: cannot download 'ZhengPeng7/BiRefNet' at revision 'main' from the Hugging Face "
         "hub (no network access?)"
     )
     assert "rmbgd fetch-model --config PATH" in error
+    assert "local" in error and "directory" in error
+    # The refusal came from the port the test chose, not from a hub elsewhere.
+    unreachable = [r for r in records if r["event"] == "model_hub_unreachable"]
+    assert len(unreachable) == 1 and "Connection refused" in unreachable[0]["error"], unreachable
 
 
 # --------------------------------------------------------------------------- model code
@@ -174,20 +196,42 @@ def test_model_code_needing_birefnets_packages(tmp_path):
     )
 
 
-def test_model_code_needing_another_package(tmp_path):
+def model_failure_in_process(config: Path, capfd) -> str:
+    """`rmbgd run` in this process (the model loaded the real way, torch being imported here
+    already), checked as startup_failure checks a subprocess; its one line. For failures of
+    the model's code and settings, and the fake hub's answers (hub_in_process); what a real
+    process reads from its environment (HF_HUB_OFFLINE, HF_ENDPOINT) and hidden packages
+    need a subprocess."""
+    capfd.readouterr()
+    code = cli.main(["run", "--config", str(config)])
+    out, err = capfd.readouterr()
+    assert code == 1, (out, err)
+    assert "Traceback" not in out + err
+    assert err == ""  # not a terminal: everything is in the JSON log
+    assert "\u001b" not in out
+    records = [json.loads(line) for line in out.splitlines()]
+    failures = [record for record in records if record["event"] == "startup_failed"]
+    assert len(failures) == 1 and records[-1] is failures[0]
+    assert "ready" not in [record["event"] for record in records]
+    error = failures[0]["error"]
+    assert "\n" not in error
+    return error
+
+
+def test_model_code_needing_another_package(tmp_path, cli_in_process, capfd):
     model_dir = build_tiny_model(tmp_path / "needs-pkg")
     modeling = model_dir / "modeling_tinyseg.py"
     modeling.write_text("import rmbgd_no_such_package\n" + modeling.read_text())
-    error = startup_failure(write_config(tmp_path, name=str(model_dir)), hub_env(tmp_path, offline=True))
+    error = model_failure_in_process(write_config(tmp_path, name=str(model_dir)), capfd)
     assert error == (
         "model.name: the model's code needs the Python package 'rmbgd_no_such_package', "
         "which is not installed: pip install rmbgd_no_such_package"
     )
 
 
-def test_remote_code_not_trusted(tmp_path, tiny_model):
+def test_remote_code_not_trusted(tmp_path, tiny_model, cli_in_process, capfd):
     config = write_config(tmp_path, name=str(tiny_model), trust_remote_code=False)
-    error = startup_failure(config, hub_env(tmp_path, offline=True))
+    error = model_failure_in_process(config, capfd)
     assert error == (
         f"model.trust_remote_code: '{tiny_model}' needs its own Python code to run; "
         "set model.trust_remote_code: true if you trust that code"
@@ -207,9 +251,9 @@ def test_regression_incomplete_checkpoint_does_not_start(tmp_path):
     )
 
 
-def test_regression_float16_on_the_cpu_does_not_start(tmp_path, tiny_model):
+def test_regression_float16_on_the_cpu_does_not_start(tmp_path, tiny_model, cli_in_process, capfd):
     config = write_config(tmp_path, name=str(tiny_model), dtype="float16")
-    error = startup_failure(config, hub_env(tmp_path, offline=True))
+    error = model_failure_in_process(config, capfd)
     assert error.startswith("model.dtype: float16 on the CPU runs about 100 times slower than float32")
     assert "set model.dtype: float32 (or auto)" in error
 
@@ -264,10 +308,14 @@ def test_fetch_model_with_a_bad_config(tmp_path):
 
 
 def test_regression_status_after_a_failed_start_names_the_reason(tmp_path):
-    """Finding 7: `rmbgd status` called a failed start "dead ... gone without stopping cleanly"."""
+    """Finding 7: `rmbgd status` called a failed start "dead ... gone without stopping cleanly".
+    The failed start is the local model folder that does not exist."""
     missing = tmp_path / "models" / "BiRefNet"
     config = write_config(tmp_path, name=str(missing))
     error = startup_failure(config, hub_env(tmp_path, offline=True))
+    assert error == (
+        f"model.name: {missing} is not a model directory (no config.json): the path does not exist"
+    )
     result = rmbgd(["status", "--config", str(config)], hub_env(tmp_path, offline=True))
     assert result.returncode == 3, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -280,14 +328,13 @@ def test_regression_status_after_a_failed_start_names_the_reason(tmp_path):
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """`rmbgd run` in this process with a stand-in model; signal handlers and logging restored."""
+def cli_in_process(monkeypatch):
+    """`rmbgd run` in this process (`cli.main`); signal handlers and logging restored."""
     saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     excepthook = threading.excepthook
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.setattr(Daemon, "_load_model", lambda self: types.SimpleNamespace(device="cpu", dtype="float32"))
     # Should the start succeed after all, stop at once instead of serving until the timeout.
     monkeypatch.setattr(Daemon, "_main_loop", lambda self: 0)
     yield
@@ -298,6 +345,12 @@ def in_process(monkeypatch):
     structlog.reset_defaults()
     logging.captureWarnings(False)
     threading.excepthook = excepthook
+
+
+@pytest.fixture
+def in_process(cli_in_process, monkeypatch):
+    """`rmbgd run` in this process with a stand-in model."""
+    monkeypatch.setattr(Daemon, "_load_model", lambda self: types.SimpleNamespace(device="cpu", dtype="float32"))
 
 
 def failed_in_process(tmp_path: Path, capsys) -> str:

@@ -25,7 +25,10 @@ thread does not end:
 four folders live under the fixture's root (`inprocess.root`, tmp_path by default) and are
 created by the daemon. `instance=` names the work-area folder (each start gets a new one by
 default, so a restart adopts the previous instance's leftovers as a dead peer's);
-`segmenter=` replaces the fake model; `retry_delay=` the backoff. Log events are the
+`segmenter=` replaces the fake model, `load_model=True` loads the configured model the real
+way instead (torch, transformers; for model variants); `retry_delay=` the backoff; `cfg=` is a
+config of its own (from `load_config(path)`, so that `daemon.hangup()` reloads that file as
+SIGHUP does). Log events are the
 structlog event dicts, captured in memory (`daemon.events(name)`, `daemon.wait_for`,
 `daemon.wait_count`, `daemon.wait_until`): every wait has a timeout and fails with the last
 events, never sleeps blindly.
@@ -288,6 +291,8 @@ class _TestDaemon(Daemon):
         self.retry_delay = retry_delay
 
     def _load_model(self) -> Any:
+        if self._segmenter is None:
+            return super()._load_model()
         return self._segmenter
 
 
@@ -330,6 +335,10 @@ class InProcessDaemon:
         if self.thread.is_alive():
             raise AssertionError(f"daemon {self.instance} did not stop within {timeout}s")
         return self.exit_code
+
+    def hangup(self) -> None:
+        """Ask for a reload of the config file (`cfg.source`), as SIGHUP does."""
+        self.daemon._on_hangup(signal.SIGHUP, None)
 
     # -- events -----------------------------------------------------------------------------
     def events(self, *names: str) -> List[dict]:
@@ -385,10 +394,21 @@ class InProcessDaemons:
 
     def start(self, *, instance: Optional[str] = None, segmenter: Any = None,
               retry_delay: Callable[[int], float] = fast_retry_delay, wait_ready: bool = True,
+              cfg: Optional[Config] = None, load_model: bool = False,
               **sections: Dict[str, Any]) -> InProcessDaemon:
-        cfg = self.config(**sections)
+        """`cfg` (e.g. `load_config(path)`, to reload from that file) instead of `sections`;
+        `load_model`: load `model.name` as `rmbgd run` does (torch) instead of the fake."""
+        if cfg is None:
+            cfg = self.config(**sections)
+        elif sections:
+            raise TypeError("either cfg or config sections, not both")
         name = instance or f"inproc-{next(self._numbers)}"
-        daemon = InProcessDaemon(cfg, name, segmenter or FakeSegmenter(), retry_delay)
+        if load_model:
+            if segmenter is not None:
+                raise TypeError("either a segmenter or load_model, not both")
+        else:
+            segmenter = segmenter or FakeSegmenter()
+        daemon = InProcessDaemon(cfg, name, segmenter, retry_delay)
         self.started.append(daemon)
         return daemon.start(wait_ready=wait_ready)
 
