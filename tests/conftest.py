@@ -69,7 +69,7 @@ pytest_runtest_teardown = pytest.hookimpl(wrapper=True)(_guarded)
 RUN_FIRST = (
     "test_bench.py", "test_faults.py", "test_real_birefnet.py", "test_daemon.py", "test_backends.py",
     "test_model_daemon.py", "test_startup_failures.py", "test_process.py", "test_logs.py",
-    "test_service.py", "test_doctor.py", "test_config_fuzz.py",
+    "test_service.py", "test_doctor.py", "test_config_fuzz.py", "test_http_process.py", "test_http_daemon.py",
 )
 
 
