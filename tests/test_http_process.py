@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.daemon import REPO
+from tests.support.daemon import REPO, wait_until
 from tests.support.photos import check_output, pattern
 from tests.support.tinymodel import build_tiny_model
 
@@ -30,9 +30,9 @@ def png(rgb: np.ndarray = RGB) -> bytes:
 
 @pytest.fixture(scope="module")
 def held_model(tmp_path_factory):
-    """The tiny model with 2 s of simulated accelerator time per call: a request is still in
-    the model while the test signals the daemon."""
-    return build_tiny_model(tmp_path_factory.mktemp("held-model"), delay_ms_per_call=2000.0)
+    """The tiny model with 3 s of simulated accelerator time per call: a request is still in
+    the model while the test reads the metrics and signals the daemon."""
+    return build_tiny_model(tmp_path_factory.mktemp("held-model"), delay_ms_per_call=3000.0)
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones(daemons, held_model, tmp_path):
@@ -51,9 +51,16 @@ def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones(daemons,
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
-    daemon.wait_for("batch_started")  # the request is in the model (for 2 s)
-    metrics = httpx.get(metrics_url, timeout=30, trust_env=False).text
-    assert re.search(r"^rmbgd_http_in_flight 1\.0$", metrics, re.M), metrics
+    daemon.wait_for("batch_started")  # the request is in the model (for 3 s)
+    # The gauge follows the main loop's tick, a moment after the model took the request.
+    seen: dict = {}
+
+    def in_flight_shown() -> bool:
+        seen["metrics"] = httpx.get(metrics_url, timeout=30, trust_env=False).text
+        return re.search(r"^rmbgd_http_in_flight 1\.0$", seen["metrics"], re.M) is not None
+
+    wait_until(in_flight_shown, [daemon], timeout=2.5, what="rmbgd_http_in_flight 1.0")
+    metrics = seen["metrics"]
     assert re.search(r'^rmbgd_http_requests_total\{status="200"\} 1\.0$', metrics, re.M), metrics
 
     daemon.signal(signal.SIGTERM)
