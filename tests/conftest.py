@@ -37,7 +37,7 @@ if "huggingface_hub" in sys.modules:  # read HF_ENDPOINT at import: too late for
 import pytest  # noqa: E402
 
 from tests.support.daemon import DaemonProcess, base_config, subprocess_env, write_config  # noqa: E402
-from tests.support.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.tinymodel import BIREFNET_LITE_CODE, build_birefnet_lite, build_tiny_model  # noqa: E402
 
 
 def _refusals_since(offset: int) -> list:
@@ -118,6 +118,17 @@ def fake_hub(fake_hub_server) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def birefnet_lite(tmp_path_factory) -> Path:
+    """The real BiRefNet_lite code (the 2025-02 code as published: transformers 5 needs rmbgd's
+    legacy loader for it) with random weights; skipped where the code or its packages are absent."""
+    if not BIREFNET_LITE_CODE.is_dir():
+        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
+    for package in ("timm", "kornia", "einops"):
+        pytest.importorskip(package)
+    return build_birefnet_lite(tmp_path_factory.mktemp("birefnet") / "BiRefNet_lite")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import threading
@@ -15,6 +14,7 @@ import uvicorn
 
 from rmbgd.api.app import MAX_BATCH_URLS, READY, STARTING, STOPPING, ApiError, ApiSettings, Result, create_app
 from rmbgd.api.auth import Token
+from tests.support.fileserver import serve_files
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 32
@@ -118,28 +118,8 @@ def serve():
 @pytest.fixture
 def files():
     """A file server on 127.0.0.1 for URL inputs: /a.png, /a.jpg; anything else 404."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            return
-
-        def do_GET(self):
-            data = {"/a.png": PNG, "/a.jpg": JPEG, "/text": b"hello"}.get(self.path)
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(10)
+    with serve_files({"/a.png": PNG, "/a.jpg": JPEG, "/text": b"hello"}) as url:
+        yield url
 
 
 def error_of(response):

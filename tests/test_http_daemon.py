@@ -3,7 +3,6 @@ pipeline, next to the inbox's files. Network only to 127.0.0.1 servers the tests
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import signal
@@ -18,6 +17,7 @@ from PIL import Image
 
 from tests.support import inprocess as inprocess_module
 from tests.support.inprocess import FakeSegmenter, inprocess  # noqa: F401 (a fixture)
+from tests.support.fileserver import serve_files
 from tests.support.photos import BLUE, RED, check_output, pattern, save
 
 RGB = pattern(64, 48, (0.25, 0.25, 0.75, 0.75))
@@ -103,29 +103,8 @@ def test_remove_takes_a_multipart_file(api, tmp_path):
 def files():
     """A file server on 127.0.0.1 for URL inputs: /a.png, /b.png; anything else 404."""
     served = {"/a.png": encoded(), "/b.png": encoded(coloured((200, 10, 10))), "/text": b"hello, not an image"}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            return
-
-        def do_GET(self):
-            data = served.get(self.path.split("?", 1)[0])
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")  # sniffed, not trusted
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(10)
+    with serve_files(served, content_type="text/plain") as url:  # sniffed, not trusted
+        yield url
 
 
 def test_remove_fetches_a_json_url(api, files, tmp_path):

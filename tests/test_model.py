@@ -37,7 +37,6 @@ from rmbgd.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from tests.support.hidepkgs import hidden
 from tests.support.logcapture import CapturedLog
 from tests.support.tinymodel import (
-    BIREFNET_LITE_CODE,
     LEGACY_CLASSES,
     alpha_for_rgb,
     build_birefnet_lite,
@@ -860,16 +859,6 @@ def test_loading_an_incomplete_checkpoint_logs_no_table(tmp_path, caplog):
         load_segmenter(ModelConfig(name=str(model_dir)), log=log)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []
     assert [fields["message"] for event, fields in log.events if event == "model_warning"] == []
-
-
-@pytest.fixture(scope="module")
-def birefnet_lite(tmp_path_factory) -> Path:
-    """The real BiRefNet_lite code with random weights (the 2025-02 code: the legacy loader)."""
-    if not BIREFNET_LITE_CODE.is_dir():
-        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
-    for package in ("timm", "kornia", "einops"):
-        pytest.importorskip(package)
-    return build_birefnet_lite(tmp_path_factory.mktemp("birefnet") / "BiRefNet_lite")
 
 
 def birefnet_for(loader: str, source: Path, dest: Path) -> Path:

@@ -19,22 +19,12 @@ import pytest
 from PIL import Image
 
 from tests.support.daemon import REPO, subprocess_env, write_config
-from tests.support.tinymodel import BIREFNET_LITE_CODE, build_birefnet_lite, edit_weights
+from tests.support.tinymodel import build_birefnet_lite, edit_weights
 
 pytestmark = pytest.mark.slow
 
 # The smallest input Swin-T's windows allow (4 x 32 pixels): the least CPU for the same code paths.
 SIDE = 128
-
-
-@pytest.fixture(scope="module")
-def birefnet_lite(tmp_path_factory) -> Path:
-    """The 2025-02 code as published (transformers 5 needs rmbgd's legacy loader for it)."""
-    if not BIREFNET_LITE_CODE.is_dir():
-        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
-    for package in ("timm", "kornia", "einops"):
-        pytest.importorskip(package)
-    return build_birefnet_lite(tmp_path_factory.mktemp("birefnet") / "BiRefNet_lite")
 
 
 @pytest.fixture(scope="module")

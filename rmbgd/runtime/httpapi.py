@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from rmbgd.api.auth import TokenFileError, read_token
+from rmbgd.errors import describe
 from rmbgd.runtime.lifecycle import TICK_SECONDS, StartupError
 
 __all__ = ["HttpSide"]
@@ -71,7 +72,7 @@ class HttpSide:
         self._service.http_request(status, seconds)
 
     def _http_crashed(self, exc: BaseException) -> None:
-        self.log.error("http_server_died", error=f"{type(exc).__name__}: {exc}")
+        self.log.error("http_server_died", error=describe(exc))
 
     def _http_tick(self) -> None:
         if self._http is not None:
