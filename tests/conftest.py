@@ -185,3 +185,12 @@ def folders(tmp_path):
 def slow_model(tmp_path_factory) -> Path:
     """The tiny model with 250 ms of simulated accelerator time per call."""
     return build_tiny_model(tmp_path_factory.mktemp("slow-model"), delay_ms_per_call=250.0)
+
+
+def pytest_sessionfinish(session):
+    # The in-process watchers stopped by the last tests are joined one test later; these had
+    # no later test (tests/support/inprocess.py, _QuickStopWatcher).
+    inprocess = sys.modules.get("tests.support.inprocess")
+    if inprocess is not None and inprocess.join_stopped_watchers():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        sys.stderr.write("in-process daemon watchers still running at the end of the session\n")

@@ -89,6 +89,8 @@ def call_cost_fields(segmenter: Any) -> dict:
 class Daemon(HttpSide, Lifecycle):
     # How long a file waits before its write is retried (the in-process tests shorten it).
     retry_delay = staticmethod(backoff.retry_delay)
+    # What watches the inbox (the in-process tests swap in one that stops without waiting).
+    watcher_class = Watcher
 
     def __init__(self, cfg: Config, log: Any, clock=time.monotonic, instance: Optional[str] = None) -> None:
         super().__init__(cfg, log, Counters())
@@ -147,7 +149,7 @@ class Daemon(HttpSide, Lifecycle):
         self._open_work_area()
         # Before recovery and the pipeline: when the kernel refuses the watches, nothing has
         # been taken on yet that would have to be drained.
-        self._watcher = Watcher(cfg.paths.inbox, self._feed.on_watch_event, polling=cfg.watch.polling)
+        self._watcher = self.watcher_class(cfg.paths.inbox, self._feed.on_watch_event, polling=cfg.watch.polling)
         try:
             self._watcher.start()
         except WatchUnavailable as exc:

@@ -52,6 +52,7 @@ import structlog
 from PIL import Image
 
 from rmbgd.config import Config, parse_config
+from rmbgd.intake.watcher import Watcher
 from rmbgd.runtime.daemon import Daemon
 from tests.support.tinymodel import GAIN, OFFSET
 
@@ -283,7 +284,69 @@ class LogCapture:
         return self.events(*names)
 
 
+class _QuickStopWatcher(Watcher):
+    """The real watcher, except that `stop` does not wait for watchdog's threads to end.
+
+    After any rename in the inbox tree (a claim, an intent, the status file), watchdog's
+    inotify emitter may be asleep in its 0.5 s wait for the rename's other half, and cannot be
+    joined before it wakes (watchdog issue #649). Measured: that wait was two thirds of each
+    stop, and most of the fault-injection table's wall time. The harness checks on these threads
+    at later teardowns instead (`stuck_watchers`) and joins them at the end of the session, so a
+    watcher that never ends still fails a test. Events that arrive
+    after `stop` are dropped, as they are once a real stop returns.
+    """
+
+    def __init__(self, inbox: Path, sink: Any, **options: Any) -> None:
+        self._stopped = threading.Event()
+        self.stopped_at = 0.0
+        self._stopper: Optional[threading.Thread] = None
+
+        def gated(kind: object, path: Path) -> None:
+            if not self._stopped.is_set():
+                sink(kind, path)
+
+        super().__init__(inbox, gated, **options)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        self.stopped_at = time.monotonic()
+        self._stopper = threading.Thread(target=super().stop, args=(timeout,), name="inprocess-watcher-stop",
+                                         daemon=True)
+        self._stopper.start()
+        _STOPPED_WATCHERS.append(self)
+
+    def join(self, timeout: float) -> bool:
+        """True when the watcher's threads have ended (or it was never stopped)."""
+        if self._stopper is not None:
+            self._stopper.join(timeout)
+            if self._stopper.is_alive():
+                return False
+        return not self.is_alive()
+
+
+# Watchers stopped and not yet seen to end, in stop order (see _QuickStopWatcher).
+_STOPPED_WATCHERS: List[_QuickStopWatcher] = []
+
+
+def stuck_watchers(grace: float = JOIN_S) -> int:
+    """Forget the stopped watchers that have ended; how many were stopped over `grace`
+    seconds ago and still run (without waiting: a test's teardown calls it)."""
+    _STOPPED_WATCHERS[:] = [w for w in _STOPPED_WATCHERS if not w.join(0.0)]
+    now = time.monotonic()
+    return sum(now - w.stopped_at > grace for w in _STOPPED_WATCHERS)
+
+
+def join_stopped_watchers(timeout: float = JOIN_S) -> int:
+    """Wait for every stopped watcher; how many would not end within `timeout`."""
+    deadline = time.monotonic() + timeout
+    for watcher in _STOPPED_WATCHERS:
+        watcher.join(max(0.0, deadline - time.monotonic()))
+    return stuck_watchers(grace=0.0)
+
+
 class _TestDaemon(Daemon):
+    watcher_class = _QuickStopWatcher
+
     def __init__(self, cfg: Config, log: Any, instance: str, segmenter: Any,
                  retry_delay: Callable[[int], float]) -> None:
         super().__init__(cfg, log, instance=instance)
@@ -413,7 +476,8 @@ class InProcessDaemons:
         return daemon.start(wait_ready=wait_ready)
 
     def close(self) -> List[str]:
-        """Stop every daemon; the names of those whose thread would not end."""
+        """Stop every daemon; the names of those whose thread would not end (and of watchers
+        stopped by earlier tests that would not end either)."""
         leaked = []
         for daemon in self.started:
             if daemon.thread.ident is None:
@@ -422,6 +486,9 @@ class InProcessDaemons:
                 daemon.stop()
             except AssertionError:
                 leaked.append(daemon.instance)
+        stuck = stuck_watchers()
+        if stuck:
+            leaked.append(f"{stuck} watcher(s) stopped over {JOIN_S:g} s ago and still running")
         return leaked
 
 
