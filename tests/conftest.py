@@ -6,10 +6,12 @@ through PYTHONPATH, in every Python subprocess the tests start (tests/support/ne
 """
 
 import atexit
+import logging
 import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from tests.support import netguard
@@ -185,6 +187,30 @@ def folders(tmp_path):
 def slow_model(tmp_path_factory) -> Path:
     """The tiny model with 250 ms of simulated accelerator time per call."""
     return build_tiny_model(tmp_path_factory.mktemp("slow-model"), delay_ms_per_call=250.0)
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch):
+    """`rmbgd run` in this process (`cli.main`); signal handlers and logging restored."""
+    import structlog
+
+    from rmbgd.runtime.daemon import Daemon
+
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    excepthook = threading.excepthook
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    # Should the start succeed after all, stop at once instead of serving until the timeout.
+    monkeypatch.setattr(Daemon, "_main_loop", lambda self: 0)
+    yield
+    for sig, handler in saved_signals.items():
+        signal.signal(sig, handler)
+    root.handlers = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    logging.captureWarnings(False)
+    threading.excepthook = excepthook
 
 
 def pytest_sessionfinish(session):

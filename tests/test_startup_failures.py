@@ -13,17 +13,13 @@ import ctypes
 import errno
 import fcntl
 import json
-import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 import types
 from pathlib import Path
 
 import pytest
-import structlog
 import yaml
 from watchdog.observers import inotify_c
 
@@ -325,26 +321,6 @@ def test_regression_status_after_a_failed_start_names_the_reason(tmp_path):
 
 
 # --------------------------------------------------------------------------- not the user's config
-
-
-@pytest.fixture
-def cli_in_process(monkeypatch):
-    """`rmbgd run` in this process (`cli.main`); signal handlers and logging restored."""
-    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    excepthook = threading.excepthook
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    # Should the start succeed after all, stop at once instead of serving until the timeout.
-    monkeypatch.setattr(Daemon, "_main_loop", lambda self: 0)
-    yield
-    for sig, handler in saved_signals.items():
-        signal.signal(sig, handler)
-    root.handlers = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
-    logging.captureWarnings(False)
-    threading.excepthook = excepthook
 
 
 @pytest.fixture
