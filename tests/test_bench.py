@@ -200,9 +200,20 @@ CHECKS = {
 
 
 # The scripts that import torch themselves run one after another in one Python
-# (tests/support/runscripts.py): one torch import instead of three. The others only start a
+# (tests/support/runscripts.py): one torch import instead of four. The others only start a
 # daemon, and run beside them as `python bench/x.py`.
 IN_ONE_PYTHON = ("cpu_path", "refine", "pipeline")
+REAL = "pipeline --real"
+
+
+def real_lite_missing() -> str | None:
+    """Why `pipeline --real lite` cannot run here (None when it can)."""
+    if not BIREFNET_LITE_CODE.is_dir():
+        return f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})"
+    for package in ("timm", "kornia", "einops"):
+        if importlib.util.find_spec(package) is None:
+            return f"{package} is not installed (the birefnet extra)"
+    return None
 
 
 def test_bench_scripts_run(tiny_model, tmp_path):
@@ -214,9 +225,14 @@ def test_bench_scripts_run(tiny_model, tmp_path):
         return subprocess.Popen(command, cwd=REPO, env=subprocess_env(tmp_path / f"hf-{name}"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    in_one_python = {name: argv(name) for name in IN_ONE_PYTHON}
+    if real_lite_missing() is None:
+        # Its own model cache: the run builds the random-weight folder as a first run on a GPU does.
+        in_one_python[REAL] = [str(REPO / "bench" / "pipeline.py"), "--real", "lite", "--device", "cpu",
+                               "--quick", "--cache", str(tmp_path / "cache")]
     runs = {name: start([sys.executable, *argv(name)], name) for name in CHECKS if name not in IN_ONE_PYTHON}
     runs["one python"] = start([sys.executable, "-m", "tests.support.runscripts",
-                                json.dumps([argv(name) for name in IN_ONE_PYTHON])], "one-python")
+                                json.dumps(list(in_one_python.values()))], "one-python")
     outputs = {}
     try:
         for name, proc in runs.items():
@@ -229,9 +245,10 @@ def test_bench_scripts_run(tiny_model, tmp_path):
 
     stdout, stderr = outputs.pop("one python")
     assert runs["one python"].returncode == 0, stderr[-3000:]
-    for name, result in zip(IN_ONE_PYTHON, json.loads(stdout)):
+    for name, result in zip(in_one_python, json.loads(stdout)):
         assert result["code"] == 0, f"{name}: {result['stderr'][-3000:]}"
         outputs[name] = (result["stdout"], result["stderr"])
+    real = outputs.pop(REAL, None)
     assert sorted(outputs) == sorted(CHECKS)
     for name, (stdout, stderr) in outputs.items():
         first, *summary = stdout.splitlines()
@@ -240,6 +257,9 @@ def test_bench_scripts_run(tiny_model, tmp_path):
         assert summary, f"{name}: no human summary after the JSON line"
         assert field_problems(result, FIELDS[name], name) == [], first
         assert CHECKS[name](result), f"{name}: {first}"
+    if real is None:
+        pytest.skip(f"pipeline --real lite not run: {real_lite_missing()} (the other scripts passed)")
+    check_pipeline_real(real[0])
 
 
 # pipeline.py --real: the real model's figures, model-only against end to end.
@@ -258,22 +278,12 @@ PIPELINE_REAL = {
 }
 
 
-def test_bench_pipeline_runs_the_real_birefnet_lite_on_the_cpu(tmp_path):
-    if not BIREFNET_LITE_CODE.is_dir():
-        pytest.skip(f"the real BiRefNet_lite code is not here ({BIREFNET_LITE_CODE})")
-    for package in ("timm", "kornia", "einops"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (the birefnet extra)")
-    # Its own model cache: the run builds the random-weight folder as a first run on a GPU does.
-    command = [sys.executable, str(REPO / "bench" / "pipeline.py"), "--real", "lite", "--device", "cpu",
-               "--quick", "--cache", str(tmp_path / "cache")]
-    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path / "hf"), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first, *summary = proc.stdout.splitlines()
+def check_pipeline_real(stdout: str) -> None:
+    """`pipeline.py --real lite --device cpu --quick`'s output (run by test_bench_scripts_run)."""
+    first, *summary = stdout.splitlines()
     result = json.loads(first)
     assert field_problems(result, PIPELINE_REAL, "pipeline --real") == [], first
-    assert summary and summary[0].startswith("pipeline --real lite:"), proc.stdout
+    assert summary and summary[0].startswith("pipeline --real lite:"), stdout
     assert (result["real"], result["device"], result["machine"]["gpu"]) == ("lite", "cpu", None)
     assert (result["photos"], result["batch_size"], result["idle_drop"]["drops"]) == (2, 2, 1)
     assert sum(int(size) * calls for size, calls in result["daemon"]["batch_histogram"].items()) == 2

@@ -1,5 +1,6 @@
 """The real BiRefNet_lite model code (random weights) through `rmbgd process`, the daemon and
-the loader, at a small input size on the CPU.
+the loader, at a small input size on the CPU. One `rmbgd process` runs as its own process;
+the rest load the model in this one, where torch is imported already.
 
 Skipped where ../shared/models is absent (a user's checkout) or the birefnet extra (timm,
 kornia, einops) is not installed. The weights are built once per test session (about 180 MB
@@ -18,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rmbgd import cli
 from tests.support.daemon import REPO, subprocess_env, write_config
+from tests.support.inprocess import inprocess  # noqa: F401 (a fixture)
 from tests.support.tinymodel import build_birefnet_lite, edit_weights
 
 pytestmark = pytest.mark.slow
@@ -50,42 +53,45 @@ def records(stdout: str) -> list:
 
 
 @pytest.mark.parametrize("loader", ["legacy", "from_pretrained"])
-def test_real_birefnet_lite_through_process(tmp_path, hf_home, birefnet_lite, birefnet_fixed, loader):
+def test_real_birefnet_lite_through_process(tmp_path, hf_home, birefnet_lite, birefnet_fixed, loader, request):
     model = birefnet_lite if loader == "legacy" else birefnet_fixed
     config = write_config(tmp_path / "process.yaml", {"model": model_section(model), "batch": {"size": 2}})
     photo(tmp_path / "in" / "a.jpg", 200, 150)
     photo(tmp_path / "in" / "b.png", 120, 160)
-    result = subprocess.run(
-        [sys.executable, "-m", "rmbgd", "process", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
-         "--config", str(config), "--json"],
-        capture_output=True, text=True, timeout=280, cwd=str(REPO), env=subprocess_env(hf_home),
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (ready,) = [r for r in records(result.stdout) if r["event"] == "ready"]
+    argv = ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config), "--json"]
+    if loader == "from_pretrained":
+        # The users' loader as users start it: its own Python, torch and transformers imported cold.
+        result = subprocess.run(
+            [sys.executable, "-m", "rmbgd", *argv],
+            capture_output=True, text=True, timeout=280, cwd=str(REPO), env=subprocess_env(hf_home),
+        )
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        # The legacy loader in this process (torch is imported here already): the same command.
+        request.getfixturevalue("cli_in_process")
+        capfd = request.getfixturevalue("capfd")
+        capfd.readouterr()
+        code = cli.main(argv)
+        stdout, stderr = capfd.readouterr()
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    (ready,) = [r for r in records(stdout) if r["event"] == "ready"]
     assert ready["loader"] == loader
     for name, size in (("a.png", (200, 150)), ("b.png", (120, 160))):
         with Image.open(tmp_path / "out" / name) as out:
             assert out.mode == "RGBA" and out.size == size
 
 
-def test_real_birefnet_lite_in_the_daemon(daemons, birefnet_fixed):
-    daemon = daemons.start(model=model_section(birefnet_fixed), batch={"size": 2})
-    photo(daemons.root / "inbox" / "sub" / "c.jpg", 180, 140)
+def test_real_birefnet_lite_in_the_daemon(inprocess, birefnet_fixed):
+    # The daemon's own loading (load_model=True), in this process: the subprocess start is
+    # test_daemon.py's, with the tiny model.
+    daemon = inprocess.start(load_model=True, model=model_section(birefnet_fixed), batch={"size": 2})
+    assert daemon.events("ready")[0]["loader"] == "from_pretrained"
+    photo(inprocess.root / "inbox" / "sub" / "c.jpg", 180, 140)
     done = daemon.wait_for("file_done", timeout=180)
     assert done["output"].endswith("sub/c.png")
     assert daemon.stop() == 0
-    with Image.open(daemons.root / "outbox" / "sub" / "c.png") as out:
+    with Image.open(inprocess.root / "outbox" / "sub" / "c.png") as out:
         assert out.mode == "RGBA" and out.size == (180, 140)
-
-
-def test_real_birefnet_lite_missing_a_weight_fails_the_start(daemons, birefnet_fixed, tmp_path):
-    broken = tmp_path / "BiRefNet_lite_broken"
-    shutil.copytree(birefnet_fixed, broken)
-    edit_weights(broken, lambda state: state.pop("decoder.conv_out1.0.weight"))
-    daemon = daemons.start(model=model_section(broken), wait_ready=False)
-    failed = daemon.wait_for("startup_failed", timeout=180)
-    assert "decoder.conv_out1.0.weight" in failed["error"] and "missing" in failed["error"]
-    assert daemon.wait_exit(60) == 1
 
 
 def test_real_birefnet_lite_fp16_weights_run_in_fp32_on_the_cpu(tmp_path, birefnet_fixed):

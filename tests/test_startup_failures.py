@@ -30,7 +30,7 @@ from rmbgd.intake.watcher import describe_watch_error
 from rmbgd.intake.workarea import default_instance_name
 from tests.support.daemon import REPO, base_config, subprocess_env
 from tests.support.daemon import write_config as write_daemon_config
-from tests.support.tinymodel import build_tiny_model, edit_weights
+from tests.support.tinymodel import build_birefnet_lite, build_tiny_model, edit_weights
 
 # Only a hang fails on this: a failure is expected within seconds of torch's import.
 RUN_TIMEOUT_S = 240
@@ -245,6 +245,17 @@ def test_regression_incomplete_checkpoint_does_not_start(tmp_path):
         "1 weight(s) missing from the checkpoint (head.bias) "
         "(an incomplete download, or weights for other code?)"
     )
+
+
+def test_real_birefnet_lite_missing_a_weight_does_not_start(tmp_path, birefnet_lite, cli_in_process, capfd):
+    # The real code's loading report, through `rmbgd run` (in this process: the line, not
+    # the environment, is what is checked; the subprocess case is the incomplete checkpoint).
+    broken = build_birefnet_lite(tmp_path / "BiRefNet_lite_broken", post_init=True, weights_from=birefnet_lite)
+    edit_weights(broken, lambda state: state.pop("decoder.conv_out1.0.weight"))
+    config = write_config(tmp_path, name=str(broken), input_size=128)
+    error = model_failure_in_process(config, capfd)
+    assert error.startswith(f"model.name: cannot load '{broken}': its weights do not match its code: ")
+    assert "1 weight(s) missing from the checkpoint (decoder.conv_out1.0.weight)" in error
 
 
 def test_regression_float16_on_the_cpu_does_not_start(tmp_path, tiny_model, cli_in_process, capfd):
