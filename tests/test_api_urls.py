@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from rmbgd.api.urls import BadUrl, FetchFailed, FetchLimits, TooLarge, UrlRefused, fetch, parse_url, refusal
+from tests.support.fileserver import POLL_S
 
 # ------------------------------------------------------------------ the address rule, pure
 
@@ -103,7 +104,7 @@ class LocalServer:
         self.httpd.seen = []
         self.httpd.routes = {}
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-http", daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(POLL_S,), name="test-http", daemon=True)
         self.thread.start()
 
     @property

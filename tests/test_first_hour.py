@@ -64,16 +64,19 @@ def test_regression_process_without_config_points_at_the_model_option(tmp_path, 
 def test_regression_process_removes_the_out_folder_it_made_when_the_model_fails(tmp_path, photo, hf_home):
     env = subprocess_env(hf_home)
     missing_model = str(tmp_path / "no-model")
+    # A folder that was there before the run stays, even empty; one the run made does not.
+    (tmp_path / "kept").mkdir()
     result = rmbgd(
-        "process", str(photo.parent), "--out", str(tmp_path / "new" / "out"), "--done", str(tmp_path / "done"),
-        "--model", missing_model, "--json", env=env,
+        "process", str(photo.parent), "--out", str(tmp_path / "new" / "out"), "--done", str(tmp_path / "kept"),
+        "--model", missing_model, "--device", "cpu", "--json", env=env,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert not (tmp_path / "new").exists() and not (tmp_path / "done").exists()
-    assert missing_model in startup_error(result.stdout)
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    error = startup_error(result.stdout)
+    assert missing_model in error and "\n" not in error
+    assert "summary" not in [r.get("event") for r in map(json.loads, result.stdout.splitlines())]
     assert photo.exists()
-    # A folder that was there before the run stays, even empty: test_process.py's
-    # test_model_that_cannot_load_exits_1_with_one_line.
 
 
 def test_regression_check_warns_about_a_background_lost_to_a_yaml_comment(tmp_path):

@@ -285,20 +285,6 @@ def test_daemon_config_folders_are_ignored_and_write_failures_end(tmp_path):
     assert not any((tmp_path / key).exists() for key in daemon_paths)
 
 
-def test_model_and_device_options_without_config(runs, tiny_model, tmp_path):
-    rgb = pattern(64, 64, (0.1, 0.3, 0.7, 0.9))
-    path = save(rgb, tmp_path / "in.png")
-    out = tmp_path / "out"
-
-    result = runs.run(path, "--out", out, "--model", tiny_model, "--device", "cpu")
-
-    assert result.code == 0, result
-    check_output(out / "in.png", rgb)
-    (ready,) = result.events("ready")
-    assert ready["model"] == str(tiny_model) and ready["device"] == "cpu"
-
-
-
 def test_regression_process_never_reads_a_symlink_target(fake_config, tmp_path):
     # Finding 3: a link given on the command line or found in a folder was decoded through.
     secret_dir = tmp_path / "secret"
@@ -373,12 +359,13 @@ def test_progress_bar_and_summary_on_a_terminal(runs, config, tmp_path):
     assert len(tree(out)) == 6
 
 
-def test_json_option_keeps_the_log_on_a_terminal(runs, config, tmp_path):
+def test_json_option_keeps_the_log_on_a_terminal_and_model_options_need_no_config(runs, tiny_model, tmp_path):
     rgb = pattern(40, 40, (0, 0, 0.5, 1))
     path = save(rgb, tmp_path / "one.png")
     master, slave = pty.openpty()
     try:
-        proc = runs.start(path, "--out", tmp_path / "out", "--config", config, "--json", stderr=slave)
+        proc = runs.start(path, "--out", tmp_path / "out", "--model", tiny_model, "--device", "cpu", "--json",
+                          stderr=slave)
     finally:
         os.close(slave)
     screen = read_terminal(master, proc)
@@ -386,6 +373,8 @@ def test_json_option_keeps_the_log_on_a_terminal(runs, config, tmp_path):
     assert screen == ""
     records = [json.loads(line) for line in proc.stdout.read().decode().splitlines()]
     assert records[-1]["event"] == "summary" and records[-1]["processed"] == 1
+    (ready,) = [r for r in records if r["event"] == "ready"]
+    assert ready["model"] == str(tiny_model) and ready["device"] == "cpu"
     check_output(tmp_path / "out" / "one.png", rgb)
 
 
@@ -590,21 +579,6 @@ def test_config_error_exit_2(runs, tmp_path):
     (failed,) = result.events("startup_failed")
     assert failed["error"] == "batch.size: expected an integer, got 'eight'"
     assert not (tmp_path / "out").exists(), "nothing is created for a run that cannot start"
-
-
-def test_model_that_cannot_load_exits_1_with_one_line(runs, tmp_path):
-    photos = tmp_path / "photos"
-    save(pattern(20, 20, (0, 0, 1, 1)), photos / "a.png")
-    # An --out that was there before the run stays, even empty (one the run made does not:
-    # test_first_hour.py).
-    (tmp_path / "kept").mkdir()
-    result = runs.run(photos, "--out", tmp_path / "kept", "--model", tmp_path / "no-model", "--device", "cpu")
-    assert result.code == 1, result
-    (failed,) = result.events("startup_failed")
-    assert "no-model" in failed["error"] and "\n" not in failed["error"]
-    assert not result.events("summary")
-    assert (photos / "a.png").exists()
-    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_help():

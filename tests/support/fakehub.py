@@ -10,6 +10,8 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support.fileserver import POLL_S
+
 
 class FakeHubHandler(BaseHTTPRequestHandler):
     """Answers HEAD/GET .../REPO/resolve/REVISION/FILE the way huggingface.co does for a few repos."""
@@ -45,7 +47,7 @@ class FakeHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
         self.server.requests = []
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(POLL_S,), daemon=True)
         self._thread.start()
 
     @property
