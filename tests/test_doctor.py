@@ -76,13 +76,24 @@ def test_doctor_fails_on_a_missing_model_and_an_unusable_folder(tmp_path, capfd)
     assert result.stdout.splitlines()[-1] == "2 problem(s) found"
 
 
-def test_doctor_with_a_hub_model_missing_from_the_offline_cache_says_what_to_do(tmp_path, hf_home):
+def test_doctor_with_a_hub_model_missing_from_the_offline_cache_says_what_to_do(tmp_path, monkeypatch, capfd):
+    # In-process: the cache and the offline switch are set here, as a process gets them from
+    # HF_HOME and HF_HUB_OFFLINE (read at call time by rmbgd.model.hub, the cache's path from
+    # huggingface_hub's constants).
+    import huggingface_hub
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = write_config(tmp_path / "config.yaml", base_config(tmp_path, "ZhengPeng7/BiRefNet"))
-    result = run_doctor("--config", str(config), hf_home=hf_home)
-    assert result.returncode == 1
-    status, text = lines_by_check(result.stdout)["model"]
+    out = io.StringIO()
+    capfd.readouterr()
+    assert doctor.main(str(config), out=out) == 1
+    assert capfd.readouterr().err == ""
+    status, text = lines_by_check(out.getvalue())["model"]
     assert status == "FAIL"
-    assert "not in this machine's Hugging Face cache" in text and "rmbgd fetch-model" in text
+    assert f"not in this machine's Hugging Face cache ({cache})" in text and "rmbgd fetch-model" in text
 
 
 def test_doctor_with_a_bad_config_stops_at_the_config_line(tmp_path, hf_home):
