@@ -223,7 +223,7 @@ def cli_in_process(monkeypatch):
 
 def pytest_sessionfinish(session):
     # The in-process watchers stopped by the last tests are joined one test later; these had
-    # no later test (tests/support/inprocess.py, _QuickStopWatcher).
+    # no later test (tests/support/inprocess.py, QuickStopWatcher).
     inprocess = sys.modules.get("tests.support.inprocess")
     if inprocess is not None and inprocess.join_stopped_watchers():
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

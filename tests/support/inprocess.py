@@ -284,7 +284,7 @@ class LogCapture:
         return self.events(*names)
 
 
-class _QuickStopWatcher(Watcher):
+class QuickStopWatcher(Watcher):
     """The real watcher, except that `stop` does not wait for watchdog's threads to end.
 
     After any rename in the inbox tree (a claim, an intent, the status file), watchdog's
@@ -313,7 +313,7 @@ class _QuickStopWatcher(Watcher):
         self._stopper = threading.Thread(target=super().stop, args=(timeout,), name="inprocess-watcher-stop",
                                          daemon=True)
         self._stopper.start()
-        _STOPPED_WATCHERS.append(self)
+        STOPPED_WATCHERS.append(self)
 
     def join(self, timeout: float) -> bool:
         """True when the watcher's threads have ended (or it was never stopped)."""
@@ -324,28 +324,28 @@ class _QuickStopWatcher(Watcher):
         return not self.is_alive()
 
 
-# Watchers stopped and not yet seen to end, in stop order (see _QuickStopWatcher).
-_STOPPED_WATCHERS: List[_QuickStopWatcher] = []
+# Watchers stopped and not yet seen to end, in stop order (see QuickStopWatcher).
+STOPPED_WATCHERS: List[QuickStopWatcher] = []
 
 
 def stuck_watchers(grace: float = JOIN_S) -> int:
     """Forget the stopped watchers that have ended; how many were stopped over `grace`
     seconds ago and still run (without waiting: a test's teardown calls it)."""
-    _STOPPED_WATCHERS[:] = [w for w in _STOPPED_WATCHERS if not w.join(0.0)]
+    STOPPED_WATCHERS[:] = [w for w in STOPPED_WATCHERS if not w.join(0.0)]
     now = time.monotonic()
-    return sum(now - w.stopped_at > grace for w in _STOPPED_WATCHERS)
+    return sum(now - w.stopped_at > grace for w in STOPPED_WATCHERS)
 
 
 def join_stopped_watchers(timeout: float = JOIN_S) -> int:
     """Wait for every stopped watcher; how many would not end within `timeout`."""
     deadline = time.monotonic() + timeout
-    for watcher in _STOPPED_WATCHERS:
+    for watcher in STOPPED_WATCHERS:
         watcher.join(max(0.0, deadline - time.monotonic()))
     return stuck_watchers(grace=0.0)
 
 
 class _TestDaemon(Daemon):
-    watcher_class = _QuickStopWatcher
+    watcher_class = QuickStopWatcher
 
     def __init__(self, cfg: Config, log: Any, instance: str, segmenter: Any,
                  retry_delay: Callable[[int], float]) -> None:
