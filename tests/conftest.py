@@ -221,10 +221,12 @@ def cli_in_process(monkeypatch):
     threading.excepthook = excepthook
 
 
-def pytest_sessionfinish(session):
-    # The in-process watchers stopped by the last tests are joined one test later; these had
-    # no later test (tests/support/inprocess.py, QuickStopWatcher).
+@pytest.fixture(scope="session", autouse=True)
+def in_process_watchers_end():
+    """The in-process watchers stopped by the last tests, which no later teardown checked
+    (tests/support/inprocess.py, QuickStopWatcher). A fixture, not a session hook: a failing
+    teardown here fails the run under xdist, where a worker's session hook could not."""
+    yield
     inprocess = sys.modules.get("tests.support.inprocess")
     if inprocess is not None and inprocess.join_stopped_watchers():
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        sys.stderr.write("in-process daemon watchers still running at the end of the session\n")
+        pytest.fail("in-process daemon watchers still running at the end of the session", pytrace=False)

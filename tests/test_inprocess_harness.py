@@ -3,6 +3,7 @@ without waiting, yet drops what comes after the stop, and one that never ends is
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -11,13 +12,16 @@ from tests.support import inprocess as harness
 
 def test_quick_stop_watcher_drops_late_events_and_its_threads_end(tmp_path):
     seen = []
-    watcher = harness.QuickStopWatcher(tmp_path, lambda kind, path: seen.append(Path(path).name))
+    reported = threading.Event()
+
+    def sink(kind, path):
+        seen.append(Path(path).name)
+        reported.set()
+
+    watcher = harness.QuickStopWatcher(tmp_path, sink)
     watcher.start()
     (tmp_path / "before.png").write_bytes(b"x")
-    deadline = time.monotonic() + 10
-    while "before.png" not in seen:
-        assert time.monotonic() < deadline, "the watcher reported nothing"
-        time.sleep(0.01)
+    assert reported.wait(10), "the watcher reported nothing"
     watcher.stop()
     (tmp_path / "after.png").write_bytes(b"y")
     assert watcher.join(10), "the watcher's threads did not end"

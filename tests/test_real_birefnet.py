@@ -52,33 +52,40 @@ def records(stdout: str) -> list:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.parametrize("loader", ["legacy", "from_pretrained"])
-def test_real_birefnet_lite_through_process(tmp_path, hf_home, birefnet_lite, birefnet_fixed, loader, request):
-    model = birefnet_lite if loader == "legacy" else birefnet_fixed
+def process_argv(tmp_path: Path, model: Path) -> list:
+    """`rmbgd process` of two photos (JPEG and PNG, two sizes) with `model`, JSON log on stdout."""
     config = write_config(tmp_path / "process.yaml", {"model": model_section(model), "batch": {"size": 2}})
     photo(tmp_path / "in" / "a.jpg", 200, 150)
     photo(tmp_path / "in" / "b.png", 120, 160)
-    argv = ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config), "--json"]
-    if loader == "from_pretrained":
-        # The users' loader as users start it: its own Python, torch and transformers imported cold.
-        result = subprocess.run(
-            [sys.executable, "-m", "rmbgd", *argv],
-            capture_output=True, text=True, timeout=280, cwd=str(REPO), env=subprocess_env(hf_home),
-        )
-        code, stdout, stderr = result.returncode, result.stdout, result.stderr
-    else:
-        # The legacy loader in this process (torch is imported here already): the same command.
-        request.getfixturevalue("cli_in_process")
-        capfd = request.getfixturevalue("capfd")
-        capfd.readouterr()
-        code = cli.main(argv)
-        stdout, stderr = capfd.readouterr()
+    return ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config), "--json"]
+
+
+def check_processed(tmp_path: Path, code: int, stdout: str, stderr: str, loader: str) -> None:
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     (ready,) = [r for r in records(stdout) if r["event"] == "ready"]
     assert ready["loader"] == loader
     for name, size in (("a.png", (200, 150)), ("b.png", (120, 160))):
         with Image.open(tmp_path / "out" / name) as out:
             assert out.mode == "RGBA" and out.size == size
+
+
+def test_real_birefnet_lite_through_process(tmp_path, hf_home, birefnet_fixed):
+    # The users' loader as users start it: its own Python, torch and transformers imported cold.
+    result = subprocess.run(
+        [sys.executable, "-m", "rmbgd", *process_argv(tmp_path, birefnet_fixed)],
+        capture_output=True, text=True, timeout=280, cwd=str(REPO), env=subprocess_env(hf_home),
+    )
+    check_processed(tmp_path, result.returncode, result.stdout, result.stderr, "from_pretrained")
+
+
+def test_real_birefnet_lite_through_process_with_the_legacy_loader(tmp_path, birefnet_lite, cli_in_process, capfd):
+    # The same command in this process (torch is imported here already), on the code as
+    # published, which needs the legacy loader.
+    argv = process_argv(tmp_path, birefnet_lite)
+    capfd.readouterr()
+    code = cli.main(argv)
+    stdout, stderr = capfd.readouterr()
+    check_processed(tmp_path, code, stdout, stderr, "legacy")
 
 
 def test_real_birefnet_lite_in_the_daemon(inprocess, birefnet_fixed):

@@ -291,9 +291,9 @@ class QuickStopWatcher(Watcher):
     inotify emitter may be asleep in its 0.5 s wait for the rename's other half, and cannot be
     joined before it wakes (watchdog issue #649). Measured: that wait was two thirds of each
     stop, and most of the fault-injection table's wall time. The harness checks on these threads
-    at later teardowns instead (`stuck_watchers`) and joins them at the end of the session, so a
-    watcher that never ends still fails a test. Events that arrive
-    after `stop` are dropped, as they are once a real stop returns.
+    at later teardowns instead (`stuck_watchers`) and joins them at the end of the session
+    (conftest.py), so a watcher that never ends still fails a test. Events that arrive after
+    `stop` are dropped, as they are once a real stop returns.
     """
 
     def __init__(self, inbox: Path, sink: Any, **options: Any) -> None:
